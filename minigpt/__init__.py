@@ -1,0 +1,1 @@
+"""minigpt: contextual pruning of Hugging Face causal LMs (placeholder, filled in below)."""
