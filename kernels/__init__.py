@@ -1,0 +1,5 @@
+"""Triton kernels of the minigpt ops (shipped as ``minigpt.kernels``), same signatures as ``minigpt.reference``."""
+
+from .act_stats import act_stats, column_stats
+
+__all__ = ["act_stats", "column_stats"]
