@@ -1,1 +1,30 @@
-"""minigpt: contextual pruning of Hugging Face causal LMs (placeholder, filled in below)."""
+"""minigpt: contextual pruning of Hugging Face causal LMs, with fused statistics kernels.
+
+    stats = minigpt.calibrate(model, tokenizer, ["corpus.txt"])      # per-neuron sums, streaming
+    p = minigpt.plan(stats, "l1", ratio=0.2)                          # kept neurons per layer
+    model, p = minigpt.prune(model, tokenizer, pruning_plan=p)        # a genuinely smaller model
+    minigpt.evaluate(model, tokenizer, "stdlib-heldout")              # perplexity, parameter counts
+"""
+
+from minigpt.calibration import calibrate
+from minigpt.compact import compact, save_pruned
+from minigpt.errors import MiniGPTError
+from minigpt.evaluation import evaluate
+from minigpt.io import load_model
+from minigpt.pipeline import prune
+from minigpt.planning import PruningPlan, plan
+from minigpt.stats import CalibrationStats
+
+__version__ = "0.1.0"
+__all__ = [
+    "CalibrationStats",
+    "MiniGPTError",
+    "PruningPlan",
+    "calibrate",
+    "compact",
+    "evaluate",
+    "load_model",
+    "plan",
+    "prune",
+    "save_pruned",
+]

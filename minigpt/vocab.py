@@ -15,11 +15,22 @@ import torch
 from minigpt.errors import MiniGPTError
 
 # Config / generation-config fields holding token ids that must follow the renumbering.
-SPECIAL_ID_FIELDS = ("bos_token_id", "eos_token_id", "pad_token_id", "unk_token_id", "sep_token_id",
-                     "decoder_start_token_id")
+SPECIAL_ID_FIELDS = (
+    "bos_token_id",
+    "eos_token_id",
+    "pad_token_id",
+    "unk_token_id",
+    "sep_token_id",
+    "decoder_start_token_id",
+)
 # Tokenizer attributes carried over to the pruned tokenizer besides its special tokens.
-TOKENIZER_FIELDS = ("chat_template", "model_max_length", "padding_side", "truncation_side",
-                    "clean_up_tokenization_spaces")
+TOKENIZER_FIELDS = (
+    "chat_template",
+    "model_max_length",
+    "padding_side",
+    "truncation_side",
+    "clean_up_tokenization_spaces",
+)
 
 
 def _byte_alphabet() -> list[str]:
@@ -45,8 +56,10 @@ def _spec(tokenizer) -> dict:
     kind = spec["model"]["type"]
     pre = (spec.get("pre_tokenizer") or {}).get("type")
     if kind != "BPE" or not _has_byte_level(spec.get("pre_tokenizer")):
-        raise MiniGPTError(f"vocabulary pruning needs a byte-level BPE tokenizer (model {kind}, pre-tokenizer {pre}):"
-                           " without the byte alphabet, dropping tokens would make some text unencodable")
+        raise MiniGPTError(
+            f"vocabulary pruning needs a byte-level BPE tokenizer (model {kind}, pre-tokenizer {pre}):"
+            " without the byte alphabet, dropping tokens would make some text unencodable"
+        )
     return spec
 
 
@@ -56,7 +69,7 @@ def _pairs(model: dict) -> list[tuple[str, str]]:
 
 
 def _merge_result(left: str, right: str, prefix: str) -> str:
-    return left + (right[len(prefix):] if prefix and right.startswith(prefix) else right)
+    return left + (right[len(prefix) :] if prefix and right.startswith(prefix) else right)
 
 
 def _id_to_token(spec: dict) -> dict[int, str]:
@@ -90,8 +103,9 @@ def _closure(ids: Iterable[int], keep: list[bool], parts: dict[int, list[tuple[i
     return new
 
 
-def plan_vocab(tokenizer, counts: torch.Tensor, min_count: int = 1, always_keep: Sequence[str] = (),
-               pad_to: int = 1) -> torch.Tensor:
+def plan_vocab(
+    tokenizer, counts: torch.Tensor, min_count: int = 1, always_keep: Sequence[str] = (), pad_to: int = 1
+) -> torch.Tensor:
     """Old token ids to keep (ascending): frequent, special, byte-alphabet and ``always_keep`` tokens, merge-closed.
 
     ``counts[i]`` is how often id ``i`` appeared in the calibration corpus (ids past the tokenizer's vocabulary,
@@ -165,15 +179,19 @@ def prune_tokenizer(tokenizer, keep_ids: torch.Tensor | Sequence[int]):
     if len(set(keep)) != len(keep) or any(i not in id_to_tok for i in keep):
         raise MiniGPTError("keep_ids must be distinct ids of the tokenizer's vocabulary")
     new_id = {old: new for new, old in enumerate(keep)}
-    required = [a["id"] for a in spec["added_tokens"]] + [model["vocab"][c] for c in _byte_alphabet()
-                                                          if c in model["vocab"]]
+    required = [a["id"] for a in spec["added_tokens"]] + [
+        model["vocab"][c] for c in _byte_alphabet() if c in model["vocab"]
+    ]
     if dropped := [id_to_tok[i] for i in required if i not in new_id]:
         raise MiniGPTError(f"cannot drop special/added or byte-alphabet tokens: {dropped[:5]}")
 
     vocab = {id_to_tok[old]: new for old, new in new_id.items() if id_to_tok[old] in model["vocab"]}
     prefix = model.get("continuing_subword_prefix") or ""
-    model["merges"] = [m for m, (a, b) in zip(model["merges"], _pairs(model))
-                       if a in vocab and b in vocab and _merge_result(a, b, prefix) in vocab]
+    model["merges"] = [
+        m
+        for m, (a, b) in zip(model["merges"], _pairs(model))
+        if a in vocab and b in vocab and _merge_result(a, b, prefix) in vocab
+    ]
     model["vocab"] = vocab
     for added in spec["added_tokens"]:
         added["id"] = new_id[added["id"]]
@@ -221,8 +239,12 @@ def shrink_vocab(model, keep_ids: torch.Tensor | Sequence[int]) -> None:
     configs = [model.config, model.config.get_text_config()]
     if getattr(model, "generation_config", None) is not None:
         configs.append(model.generation_config)
-    updates = [(cfg, f, _remap_ids(getattr(cfg, f), new_id, f))
-               for cfg in configs for f in SPECIAL_ID_FIELDS if getattr(cfg, f, None) is not None]
+    updates = [
+        (cfg, f, _remap_ids(getattr(cfg, f), new_id, f))
+        for cfg in configs
+        for f in SPECIAL_ID_FIELDS
+        if getattr(cfg, f, None) is not None
+    ]
 
     emb, head = model.get_input_embeddings(), model.get_output_embeddings()
     tied = head is not None and head.weight is emb.weight
@@ -252,13 +274,20 @@ def vocab_report(model, keep_ids: torch.Tensor | Sequence[int]) -> dict:
     """Tokens kept/removed and embedding parameters saved by ``shrink_vocab(model, keep_ids)`` (call it before)."""
     keep = _check_keep(model, keep_ids)
     emb, head = model.get_input_embeddings(), model.get_output_embeddings()
-    params = {id(p): p for p in (emb.weight, getattr(head, "weight", None), getattr(head, "bias", None))
-              if p is not None}
+    params = {
+        id(p): p for p in (emb.weight, getattr(head, "weight", None), getattr(head, "bias", None)) if p is not None
+    }
     old, kept = emb.weight.shape[0], len(keep)
     per_row = sum(p[0].numel() for p in params.values())
-    return {"vocab_old": old, "vocab_kept": kept, "vocab_removed": old - kept,
-            "removed_pct": 100.0 * (old - kept) / old, "tied": head is not None and head.weight is emb.weight,
-            "embedding_params_old": old * per_row, "embedding_params_saved": (old - kept) * per_row}
+    return {
+        "vocab_old": old,
+        "vocab_kept": kept,
+        "vocab_removed": old - kept,
+        "removed_pct": 100.0 * (old - kept) / old,
+        "tied": head is not None and head.weight is emb.weight,
+        "embedding_params_old": old * per_row,
+        "embedding_params_saved": (old - kept) * per_row,
+    }
 
 
 def count_tokens(tokenizer, texts: Iterable[str], size: int | None = None) -> torch.Tensor:

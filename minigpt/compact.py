@@ -1,0 +1,62 @@
+"""Apply a ``PruningPlan``: gather kept weights into new dense tensors, update the config, save loadable dirs."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from pathlib import Path
+
+from minigpt import adapters, ops
+from minigpt.errors import MiniGPTError
+from minigpt.io import atomic_dir, save_model
+from minigpt.planning import PruningPlan
+from minigpt.stats import check_fingerprint, fingerprint
+
+REMOTE_CODE = Path(__file__).with_name("modeling_minigpt.py")
+
+
+def compact(model, plan: PruningPlan, backend: str = "auto"):
+    """Shrink ``model``'s MLPs (in place) to the neurons ``plan`` keeps; returns the model.
+
+    Refuses a plan made for another model. One gather call copies every kept row/column of every layer.
+    """
+    check_fingerprint(
+        {k: v for k, v in plan.fingerprint.items() if k != "tokenizer_hash"}, fingerprint(model), "the plan"
+    )
+    if plan.widths != adapters.widths(model):
+        raise MiniGPTError(f"plan is for MLP widths {plan.widths[:3]}..., model has {adapters.widths(model)[:3]}...")
+    device = model.get_input_embeddings().weight.device
+    resolved = ops.resolve_backend(backend, device)
+    adapters.shrink_mlps(model, plan.kept_tensors(), lambda s, i, d: ops.gather(s, i, d, backend=resolved))
+    return model
+
+
+def save_pruned(model, tokenizer, out: str | os.PathLike, plan: PruningPlan | None = None,
+                source: str | os.PathLike | None = None, report: dict | None = None) -> Path:
+    """Write a pruned model atomically to the new directory ``out`` (never over ``source``).
+
+    Uniform widths load with stock ``from_pretrained``. Per-layer widths add ``modeling_minigpt.py`` and an
+    ``auto_map`` so ``from_pretrained(out, trust_remote_code=True)`` (and ``minigpt.load_model``) rebuild them.
+    """
+    out = Path(out).resolve()
+    if source is not None and Path(source).resolve() in (out, *out.parents):
+        raise MiniGPTError(f"output {out} would overwrite the source model {source}")
+    config = model.config
+    nonuniform = hasattr(config, "minigpt_mlp_widths")
+    if nonuniform:
+        layout = dataclasses.asdict(adapters.get_layout(model))
+        config.minigpt_layout = {k: layout[k] for k in ("blocks", "mlp", "rows", "cols", "conv1d")}
+        config.auto_map = {"AutoModelForCausalLM": "modeling_minigpt.MiniGPTForCausalLM"}
+    with atomic_dir(out) as tmp:
+        save_model(model, tokenizer, tmp)
+        if nonuniform:
+            base = type(model).__name__
+            code = REMOTE_CODE.read_text().replace('BASE_CLASS = "LlamaForCausalLM"', f'BASE_CLASS = "{base}"')
+            (tmp / REMOTE_CODE.name).write_text(code)
+        if plan is not None:
+            (tmp / "minigpt_plan.json").write_text(plan.to_json())
+        if report is not None:
+            (tmp / "minigpt_report.json").write_text(json.dumps(report, indent=1))
+    return out
+

@@ -1,0 +1,42 @@
+"""One config-driven entry point: calibrate (or take stats) → plan → compact."""
+
+from __future__ import annotations
+
+from minigpt.calibration import calibrate
+from minigpt.compact import compact
+from minigpt.errors import MiniGPTError
+from minigpt.planning import PruningPlan, plan
+from minigpt.stats import CalibrationStats, check_fingerprint, fingerprint
+
+
+def prune(
+    model,
+    tokenizer=None,
+    *,
+    stats: CalibrationStats | None = None,
+    pruning_plan: PruningPlan | None = None,
+    data=None,
+    metric: str = "l1",
+    threshold: float | None = None,
+    ratio: float | None = None,
+    scope: str = "uniform",
+    multiple: int = 1,
+    min_keep: float = 0.0,
+    backend: str = "auto",
+    calibration: dict | None = None,
+) -> tuple[object, PruningPlan]:
+    """Prune ``model``'s MLP neurons in place; returns ``(model, plan)``.
+
+    Give a ready ``pruning_plan``, or ``stats`` (checked against the model), or ``data`` to calibrate on
+    (``calibration`` holds ``calibrate`` keyword arguments). ``ratio=0.2`` removes 20 % of every layer's neurons.
+    """
+    if pruning_plan is None:
+        if stats is None:
+            if tokenizer is None:
+                raise MiniGPTError("calibrating needs the tokenizer")
+            stats = calibrate(model, tokenizer, data, backend=backend, **(calibration or {}))
+        else:
+            check_fingerprint(stats.fingerprint, fingerprint(model, tokenizer))
+        pruning_plan = plan(stats, metric, threshold=threshold, ratio=ratio, scope=scope, multiple=multiple,
+                            min_keep=min_keep)
+    return compact(model, pruning_plan, backend=backend), pruning_plan

@@ -1,0 +1,159 @@
+"""``CalibrationStats``: per-neuron sums over a corpus, mergeable by addition, saved as safetensors + JSON."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+
+import torch
+
+from minigpt import adapters
+from minigpt.errors import MiniGPTError
+
+FORMAT_VERSION = 1
+_VOLATILE_CONFIG_KEYS = {"transformers_version", "_name_or_path", "torch_dtype", "dtype", "architectures", "auto_map"}
+
+
+def _sha(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def fingerprint(model, tokenizer=None) -> dict:
+    """What identifies a model (and tokenizer) for statistics: architecture, shapes and content hashes."""
+    config = {k: v for k, v in model.config.to_dict().items() if k not in _VOLATILE_CONFIG_KEYS}
+    fp = {
+        "model_type": model.config.model_type,
+        "num_layers": len(adapters.mlps(model)),
+        "mlp_widths": adapters.widths(model),
+        "vocab_size": model.get_input_embeddings().weight.shape[0],
+        "config_hash": _sha(config),
+    }
+    if tokenizer is not None:
+        fp["tokenizer_hash"] = _sha(sorted(tokenizer.get_vocab().items()))
+    return fp
+
+
+def check_fingerprint(expected: dict, actual: dict, what: str = "statistics") -> None:
+    """Refuse, in one line, to apply ``what`` collected on another model or tokenizer."""
+    for key, value in expected.items():
+        if key in actual and actual[key] != value:
+            shown = value if not isinstance(value, list) else f"{len(value)} layers {value[:3]}..."
+            raise MiniGPTError(
+                f"{what} were collected on another model: {key} is {shown}, this model has "
+                f"{actual[key] if not isinstance(actual[key], list) else str(actual[key][:3]) + '...'}"
+            )
+
+
+@dataclass
+class CalibrationStats:
+    """Sums over every calibration token, per MLP layer ``l`` with width ``N_l``.
+
+    sum_abs, sum_sq: (N_l,) float64 – Σ|a| and Σa².   max_abs: (N_l,) float32 – max |a|.
+    nonzero: (N_l,) int64 – tokens where a != 0.   token_counts: (V,) int64 – input-id histogram (padding ignored).
+    tokens: tokens seen.   fingerprint: see ``fingerprint``.   meta: corpus description, backend, ...
+    """
+
+    sum_abs: list[torch.Tensor]
+    sum_sq: list[torch.Tensor]
+    max_abs: list[torch.Tensor]
+    nonzero: list[torch.Tensor]
+    token_counts: torch.Tensor
+    tokens: int
+    fingerprint: dict
+    meta: dict = field(default_factory=dict)
+
+    @classmethod
+    def empty(cls, fp: dict, device: str | torch.device = "cpu") -> "CalibrationStats":
+        """Zero statistics for a model with fingerprint ``fp``."""
+        ws = fp["mlp_widths"]
+        return cls(
+            sum_abs=[torch.zeros(n, dtype=torch.float64, device=device) for n in ws],
+            sum_sq=[torch.zeros(n, dtype=torch.float64, device=device) for n in ws],
+            max_abs=[torch.zeros(n, dtype=torch.float32, device=device) for n in ws],
+            nonzero=[torch.zeros(n, dtype=torch.int64, device=device) for n in ws],
+            token_counts=torch.zeros(fp["vocab_size"], dtype=torch.int64, device=device),
+            tokens=0,
+            fingerprint=dict(fp),
+        )
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.sum_abs)
+
+    def to(self, device) -> "CalibrationStats":
+        move = lambda ts: [t.to(device) for t in ts]  # noqa: E731
+        return CalibrationStats(
+            move(self.sum_abs), move(self.sum_sq), move(self.max_abs), move(self.nonzero),
+            self.token_counts.to(device), self.tokens, dict(self.fingerprint), dict(self.meta),
+        )
+
+    def merge(self, other: "CalibrationStats") -> "CalibrationStats":
+        """Statistics of both corpora: sums add, maxima take the max. Refuses other models' stats."""
+        check_fingerprint(self.fingerprint, other.fingerprint)
+        o = other.to(self.token_counts.device)
+        corpora = self.meta.get("corpora", [self.meta.get("corpus")]) + o.meta.get("corpora", [o.meta.get("corpus")])
+        return CalibrationStats(
+            [a + b for a, b in zip(self.sum_abs, o.sum_abs)],
+            [a + b for a, b in zip(self.sum_sq, o.sum_sq)],
+            [torch.maximum(a, b) for a, b in zip(self.max_abs, o.max_abs)],
+            [a + b for a, b in zip(self.nonzero, o.nonzero)],
+            self.token_counts + o.token_counts,
+            self.tokens + o.tokens,
+            dict(self.fingerprint),
+            {**self.meta, "corpora": [c for c in corpora if c is not None]},
+        )
+
+    def mean(self, name: str) -> list[torch.Tensor]:
+        """Per-token mean of a summed statistic (``sum_abs`` → mean |a|, ``nonzero`` → firing rate), float64."""
+        if self.tokens == 0:
+            raise MiniGPTError("statistics hold no tokens")
+        return [t.double() / self.tokens for t in getattr(self, name)]
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        out = {"token_counts": self.token_counts.cpu().contiguous()}
+        for i in range(self.num_layers):
+            for name in ("sum_abs", "sum_sq", "max_abs", "nonzero"):
+                out[f"layers.{i}.{name}"] = getattr(self, name)[i].cpu().contiguous()
+        return out
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write atomically as safetensors; metadata holds fingerprint, tokens and ``meta`` as JSON."""
+        from safetensors.torch import save_file
+
+        from minigpt.io import atomic_file
+
+        header = {"format_version": FORMAT_VERSION, "tokens": self.tokens, "fingerprint": self.fingerprint,
+                  "meta": self.meta}
+        with atomic_file(path) as tmp:
+            save_file(self.tensors(), str(tmp), metadata={"minigpt": json.dumps(header)})
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "CalibrationStats":
+        """Read a stats file; a missing, truncated or foreign file gets a one-line error."""
+        from safetensors import safe_open
+
+        if not os.path.isfile(path):
+            raise MiniGPTError(f"stats file {path} does not exist")
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                header = json.loads((f.metadata() or {})["minigpt"])
+                tensors = {k: f.get_tensor(k) for k in f.keys()}
+            n = header["fingerprint"]["num_layers"]
+            per_layer = {
+                name: [tensors[f"layers.{i}.{name}"] for i in range(n)]
+                for name in ("sum_abs", "sum_sq", "max_abs", "nonzero")
+            }
+            token_counts = tensors["token_counts"]
+        except (KeyError, json.JSONDecodeError, OSError, RuntimeError, ValueError) as err:
+            raise MiniGPTError(f"stats file {path} is corrupted or not a minigpt stats file ({type(err).__name__})")
+        except Exception as err:  # safetensors raises its own SafetensorError for truncated headers
+            if type(err).__name__ == "SafetensorError":
+                raise MiniGPTError(f"stats file {path} is corrupted or truncated: {str(err).splitlines()[0]}")
+            raise
+        if header.get("format_version") != FORMAT_VERSION:
+            raise MiniGPTError(f"stats file {path} has format version {header.get('format_version')}, "
+                               f"expected {FORMAT_VERSION}")
+        return cls(**per_layer, token_counts=token_counts, tokens=header["tokens"],
+                   fingerprint=header["fingerprint"], meta=header["meta"])
