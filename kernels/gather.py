@@ -111,7 +111,9 @@ def gather(srcs: list[torch.Tensor], indices: list[torch.Tensor], dims: list[int
             raise ValueError(f"gather needs 2-D sources and dims in {{0, 1}}, got {tuple(s.shape)} along {d}")
         d %= 2
         i = i.to(device=s.device, dtype=torch.int64).reshape(-1)
-        out = torch.empty((i.numel(), s.shape[1]) if d == 0 else (s.shape[0], i.numel()), dtype=s.dtype, device=s.device)
+        out = torch.empty(
+            (i.numel(), s.shape[1]) if d == 0 else (s.shape[0], i.numel()), dtype=s.dtype, device=s.device
+        )
         outs.append(out)
         if out.numel():
             bits = _BITS[s.element_size()]

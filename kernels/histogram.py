@@ -47,4 +47,6 @@ def token_histogram(ids: torch.Tensor, mask: torch.Tensor | None, counts: torch.
         flat_mask = flat_mask.view(torch.uint8)
     cfg = histogram_config()
     grid = (triton.cdiv(flat.numel(), cfg["BLOCK"]),)
-    _token_histogram_kernel[grid](flat, flat_mask, counts, flat.numel(), counts.numel(), HAS_MASK=mask is not None, **cfg)
+    _token_histogram_kernel[grid](
+        flat, flat_mask, counts, flat.numel(), counts.numel(), HAS_MASK=mask is not None, **cfg
+    )
