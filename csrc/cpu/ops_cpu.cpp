@@ -1,0 +1,156 @@
+// CPU implementations of the minigpt ops: OpenMP (at::parallel_for) over column blocks, so each thread owns a
+// block of neurons and walks every token; no atomics.
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstring>
+
+#include "../common.h"
+#include "kernels.h"
+
+namespace minigpt::cpu {
+namespace {
+
+// Inputs smaller than this (elements) run on one thread.
+constexpr int64_t kSerialWork = 1 << 15;
+
+StatsBlockFn pick_stats_block() {
+#if defined(__x86_64__)
+  if (__builtin_cpu_supports("avx2")) return avx2::stats_block;
+#endif
+  return base::stats_block;
+}
+
+int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// Column blocks of at most kBlock, a multiple of 16 wide, at least one per thread when N allows.
+void run_stats(const StatsArgs& a) {
+  if (a.T == 0 || a.N == 0) return;
+  static const StatsBlockFn stats_block = pick_stats_block();
+  const int64_t threads = a.T * a.N < kSerialWork ? 1 : at::get_num_threads();
+  const int64_t blocks = std::min(ceil_div(a.N, 16), ceil_div(ceil_div(a.N, kBlock), threads) * threads);
+  const int64_t width = ceil_div(ceil_div(a.N, blocks), 16) * 16;
+  const int64_t n_blocks = ceil_div(a.N, width);
+  at::parallel_for(0, n_blocks, threads == 1 ? n_blocks : 1, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) stats_block(a, b * width, std::min(width, a.N - b * width));
+  });
+}
+
+at::Tensor act_stats(const at::Tensor& gate, const std::optional<at::Tensor>& up, c10::string_view act,
+                     at::Tensor& acc, at::Tensor& nnz) {
+  const at::Tensor g = as_rows(gate);
+  const std::optional<at::Tensor> u = up ? std::optional(as_rows(*up)) : std::nullopt;
+  at::Tensor out;
+  run_stats(act_stats_args(gate, g, u, std::string_view(act.data(), act.size()), acc, nnz, &out));
+  return out;
+}
+
+void column_stats(const at::Tensor& x, at::Tensor& acc, at::Tensor& nnz) {
+  const at::Tensor rows = as_rows(x);
+  run_stats(stats_args(rows, acc, nnz));
+}
+
+// Counts ids[i] where mask[i]; ids are checked first so counts is untouched on error. Each thread owns a range
+// of bins and walks every id.
+template <class I>
+void histogram(const I* ids, const bool* mask, int64_t n, int64_t* counts, int64_t V) {
+  for (int64_t i = 0; i < n; ++i) {
+    TORCH_CHECK(!(mask == nullptr || mask[i]) || (ids[i] >= 0 && ids[i] < V), "minigpt: token_histogram id ",
+                int64_t(ids[i]), " at position ", i, " is outside the vocabulary [0, ", V, ")");
+  }
+  const int64_t threads = n < kSerialWork ? 1 : at::get_num_threads();
+  const int64_t width = ceil_div(V, threads);
+  at::parallel_for(0, threads, 1, [&](int64_t r0, int64_t r1) {
+    const int64_t lo = r0 * width, hi = std::min(V, r1 * width);
+    for (int64_t i = 0; i < n; ++i) {
+      const int64_t id = ids[i];
+      if ((mask == nullptr || mask[i]) && id >= lo && id < hi) ++counts[id];
+    }
+  });
+}
+
+void token_histogram(const at::Tensor& ids, const std::optional<at::Tensor>& mask, at::Tensor& counts) {
+  const std::optional<at::Tensor> m = check_histogram(ids, mask, counts);
+  const at::Tensor flat = ids.contiguous();
+  const bool* mask_ptr = m ? m->const_data_ptr<bool>() : nullptr;
+  AT_DISPATCH_INDEX_TYPES(flat.scalar_type(), "token_histogram", [&] {
+    histogram(flat.const_data_ptr<index_t>(), mask_ptr, flat.numel(), counts.data_ptr<int64_t>(), counts.numel());
+  });
+}
+
+// out (rows, cols) contiguous = src (strides s0, s1, elements) at idx along dim; E is a type of the element size.
+template <class E, class I>
+void gather_2d(const E* src, int64_t s0, int64_t s1, const I* idx, int64_t dim, E* out, int64_t rows,
+               int64_t cols) {
+  at::parallel_for(0, rows, std::max<int64_t>(1, kSerialWork / std::max<int64_t>(cols, 1)), [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      E* o = out + r * cols;
+      if (dim == 0) {
+        const E* row = src + int64_t(idx[r]) * s0;
+        if (s1 == 1) {
+          std::memcpy(o, row, cols * sizeof(E));
+        } else {
+          for (int64_t c = 0; c < cols; ++c) o[c] = row[c * s1];
+        }
+      } else {
+        const E* row = src + r * s0;
+        for (int64_t c = 0; c < cols; ++c) o[c] = row[int64_t(idx[c]) * s1];
+      }
+    }
+  });
+}
+
+struct alignas(16) Bytes16 {
+  uint64_t lo, hi;
+};
+
+template <class I>
+void gather_one(const at::Tensor& src, const at::Tensor& idx, int64_t dim, at::Tensor& out) {
+  const auto run = [&](auto elem) {
+    using E = decltype(elem);
+    gather_2d(static_cast<const E*>(src.const_data_ptr()), src.stride(0), src.stride(1), idx.const_data_ptr<I>(),
+              dim, static_cast<E*>(out.data_ptr()), out.size(0), out.size(1));
+  };
+  switch (src.element_size()) {
+    case 1:
+      return run(uint8_t{});
+    case 2:
+      return run(uint16_t{});
+    case 4:
+      return run(uint32_t{});
+    case 8:
+      return run(uint64_t{});
+    case 16:
+      return run(Bytes16{});
+    default:
+      TORCH_CHECK(false, "minigpt: gather does not support ", src.scalar_type());
+  }
+}
+
+std::vector<at::Tensor> gather(at::TensorList srcs, at::TensorList indices, at::IntArrayRef dims) {
+  TORCH_CHECK(srcs.size() == indices.size() && srcs.size() == dims.size(),
+              "minigpt: gather needs as many indices and dims as sources");
+  std::vector<at::Tensor> outs;
+  outs.reserve(srcs.size());
+  for (size_t i = 0; i < srcs.size(); ++i) {
+    const at::Tensor idx = check_gather(srcs[i], indices[i], dims[i]);
+    at::Tensor out = gather_output(srcs[i], idx, dims[i]);
+    if (out.numel() > 0) {
+      AT_DISPATCH_INDEX_TYPES(idx.scalar_type(), "gather", [&] { gather_one<index_t>(srcs[i], idx, dims[i], out); });
+    }
+    outs.push_back(std::move(out));
+  }
+  return outs;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(minigpt, CPU, m) {
+  m.impl("act_stats", &act_stats);
+  m.impl("column_stats", &column_stats);
+  m.impl("token_histogram", &token_histogram);
+  m.impl("gather", &gather);
+}
+
+}  // namespace minigpt::cpu
