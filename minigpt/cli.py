@@ -9,6 +9,7 @@ import os
 import sys
 from pathlib import Path
 
+from minigpt.data import resolve_files
 from minigpt.errors import MiniGPTError
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -103,6 +104,7 @@ def cmd_calibrate(args) -> None:
     from minigpt.calibration import calibrate
 
     out = Path(args.out)
+    resolve_files(args.data)  # fail on bad paths before loading the model
     model, tokenizer = _load(args)
     stats = calibrate(model, tokenizer, args.data, backend=args.backend, **_calibration_kwargs(args))
     stats.save(out)
@@ -145,6 +147,10 @@ def cmd_prune(args) -> None:
     _check_out(out, source)
     stats = CalibrationStats.load(args.stats) if args.stats else None
     given_plan = PruningPlan.load(args.plan) if args.plan else None
+    if stats is None and given_plan is None:
+        resolve_files(args.data)  # fail on bad paths before loading the model
+    if not args.no_eval:
+        resolve_files(args.eval_data, default="stdlib-heldout")
     ratio = 0.2 if args.threshold is None and args.ratio is None else args.ratio
     model, tokenizer = _load(args)
     before = None if args.no_eval else _eval(model, tokenizer, args)

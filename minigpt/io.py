@@ -95,7 +95,9 @@ def load_model(
     Directories pruned with non-uniform MLP widths load through their saved ``trust_remote_code`` module.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()
     path = default_model_path() if path is None else Path(path)
     if not path.exists():
         raise MiniGPTError(f"model path {path} does not exist")

@@ -131,9 +131,9 @@ def plan_from_scores(
         counts = [w - int(round(ratio * w)) for w in widths]
     else:
         flat = torch.cat(norm)
-        n_drop = int(round(ratio * flat.numel()))
-        cut = flat.sort().values[n_drop - 1] if n_drop else -math.inf
-        counts = [int((s > cut).sum()) for s in norm]
+        dropped = torch.sort(flat, stable=True).indices[: int(round(ratio * flat.numel()))]
+        layer_of = torch.repeat_interleave(torch.arange(len(widths)), torch.tensor(widths))
+        counts = [w - int(d) for w, d in zip(widths, torch.bincount(layer_of[dropped], minlength=len(widths)))]
     floors = [max(1, math.ceil(min_keep * w)) for w in widths]
     counts = [_round_up(max(c, f), multiple, w) for c, f, w in zip(counts, floors, widths)]
     kept = [_keep_top(s, c) for s, c in zip(norm, counts)]
