@@ -1,0 +1,196 @@
+"""GPU micro-benchmarks of the minigpt Triton kernels against PyTorch, baseline and ours on the same inputs in one run.
+
+    python -m bench.bench_kernels
+
+(a) act_stats: fused kernel vs eager PyTorch (``silu(g) * u`` then Σ|h|, Σh², max|h|, nnz) vs plain ``silu(g) * u``,
+    the floor for any implementation that must read gate and up and write h.
+(b) gather (compaction): our grouped gather vs ``torch.index_select`` per matrix, as GB/s of bytes read + written and
+    as % of the device's copy bandwidth (``dst.copy_(src)`` of a 1 GiB buffer; every row reports this %).
+(c) token_histogram vs ``torch.bincount`` on a 256k vocabulary (masked: bincount needs ``ids[mask]`` first).
+
+Times are ``triton.testing.do_bench`` quantiles (median, 20%, 80%) in ms. Writes ``bench/results/kernels_<device>.json``
+(with device name, torch/triton/CUDA versions) and a markdown table next to it. Without CUDA: prints a note, exits 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+RESULTS = Path(__file__).resolve().parent / "results"
+ACT_SHAPES = [(8192, 1536), (8192, 8192), (16384, 14336)]  # (tokens, MLP width): SmolLM2-135M, 2B-ish, 8B-ish
+GATHER_MODELS = {  # name: (layers, hidden, intermediate, kept neurons)
+    "smollm2-135m": (30, 576, 1536, 1024),
+    "8b-like, 4 layers": (4, 4096, 14336, 9000),
+}
+HIST_TOKENS, HIST_VOCAB = 64 * 4096, 262_144
+COPY_BYTES = 1 << 30
+QUANTILES = [0.5, 0.2, 0.8]
+
+
+def timed(fn: Callable[[], object]) -> dict[str, float]:
+    """``fn``'s median, 20% and 80% quantile times in ms."""
+    from triton.testing import do_bench
+
+    ms, lo, hi = do_bench(fn, quantiles=QUANTILES)
+    return {"ms": ms, "ms_p20": lo, "ms_p80": hi}
+
+
+def row(bench: str, case: str, impl: str, times: dict[str, float], nbytes: int, **extra) -> dict:
+    return {
+        "bench": bench,
+        "case": case,
+        "impl": impl,
+        **times,
+        "bytes": nbytes,
+        "GB/s": nbytes / times["ms"] / 1e6,
+        **extra,
+    }
+
+
+def bench_act_stats(kernels, device: str, t: int, n: int) -> list[dict]:
+    """Fused act_stats vs eager PyTorch vs plain ``silu(g) * u`` on bf16 ``(t, n)`` inputs."""
+    gen = torch.Generator(device).manual_seed(0)
+    g, u = (torch.randn(t, n, device=device, dtype=torch.bfloat16, generator=gen) for _ in range(2))
+    acc, nnz = torch.zeros(3, n, device=device), torch.zeros(n, dtype=torch.int64, device=device)
+
+    def eager():
+        h = F.silu(g) * u
+        hf = h.float()
+        a = hf.abs()
+        acc[0] += a.sum(0)
+        acc[1] += hf.square().sum(0)
+        torch.maximum(acc[2], a.amax(0), out=acc[2])
+        nnz.add_((h != 0).sum(0))
+        return h
+
+    nbytes = 3 * g.numel() * g.element_size()  # read gate and up, write h (the O(N) stats traffic is left out)
+    impls = {
+        "triton fused": lambda: kernels.act_stats(g, u, "silu", acc, nnz),
+        "torch eager": eager,
+        "silu(g)*u only (floor)": lambda: F.silu(g) * u,
+    }
+    return [row("act_stats", f"T={t} N={n} bf16 silu", impl, timed(fn), nbytes) for impl, fn in impls.items()]
+
+
+def copy_bandwidth(device: str) -> dict:
+    """The device's ``dst.copy_(src)`` bandwidth (bytes read + written) on a COPY_BYTES buffer."""
+    src = torch.empty(COPY_BYTES, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    return row("copy", f"{COPY_BYTES >> 20} MiB", "dst.copy_(src)", timed(lambda: dst.copy_(src)), 2 * COPY_BYTES)
+
+
+def bench_gather(kernels, device: str, name: str, layers: int, hidden: int, inter: int, kept: int) -> list[dict]:
+    """One MLP compaction step (gate/up rows, down columns of every layer): ours vs index_select per matrix."""
+    gen = torch.Generator(device).manual_seed(0)
+    srcs, indices, dims = [], [], []
+    for _ in range(layers):
+        keep = torch.randperm(inter, device=device, generator=gen)[:kept].sort().values
+        for shape, dim in [((inter, hidden), 0), ((inter, hidden), 0), ((hidden, inter), 1)]:
+            srcs.append(torch.randn(shape, device=device, dtype=torch.bfloat16, generator=gen))
+            indices.append(keep)
+            dims.append(dim)
+    outs = kernels.gather(srcs, indices, dims)
+    assert all(torch.equal(o, s.index_select(d, i)) for o, s, i, d in zip(outs, srcs, indices, dims))
+    nbytes = 2 * sum(o.numel() * o.element_size() for o in outs)
+    impls = {
+        "triton grouped gather": lambda: kernels.gather(srcs, indices, dims),
+        "torch.index_select loop": lambda: [s.index_select(d, i) for s, i, d in zip(srcs, indices, dims)],
+    }
+    case = f"{name}: {len(srcs)} bf16 matrices, keep {kept}/{inter}"
+    return [row("gather", case, impl, timed(fn), nbytes) for impl, fn in impls.items()]
+
+
+def bench_histogram(kernels, device: str, dist: str) -> list[dict]:
+    """Token counts over a 256k vocabulary, ``uniform`` or ``zipf`` ids (hot tokens contend on atomics)."""
+    gen = torch.Generator(device).manual_seed(0)
+    if dist == "zipf":
+        weights = 1.0 / torch.arange(1, HIST_VOCAB + 1, device=device, dtype=torch.float32)
+        ids = torch.multinomial(weights, HIST_TOKENS, replacement=True, generator=gen)
+    else:
+        ids = torch.randint(0, HIST_VOCAB, (HIST_TOKENS,), device=device, generator=gen)
+    mask = torch.rand(HIST_TOKENS, device=device, generator=gen) < 0.9
+    counts = torch.zeros(HIST_VOCAB, dtype=torch.int64, device=device)
+    kernels.token_histogram(ids, mask, counts)
+    assert torch.equal(counts, torch.bincount(ids[mask], minlength=HIST_VOCAB))
+    id_bytes, mask_bytes = ids.numel() * ids.element_size(), mask.numel() * mask.element_size()
+    impls = {
+        "triton, masked": (lambda: kernels.token_histogram(ids, mask, counts), id_bytes + mask_bytes),
+        "torch.bincount(ids[mask])": (lambda: torch.bincount(ids[mask], minlength=HIST_VOCAB), id_bytes + mask_bytes),
+        "triton, no mask": (lambda: kernels.token_histogram(ids, None, counts), id_bytes),
+        "torch.bincount(ids)": (lambda: torch.bincount(ids, minlength=HIST_VOCAB), id_bytes),
+    }
+    rows = []
+    for impl, (fn, nbytes) in impls.items():
+        r = row("token_histogram", f"{HIST_TOKENS} int64 ids ({dist}), V={HIST_VOCAB}", impl, timed(fn), nbytes)
+        rows.append({**r, "Gtok/s": HIST_TOKENS / r["ms"] / 1e6})
+    return rows
+
+
+def run_all(kernels, device: str) -> list[dict]:
+    """Every benchmark on ``device``; each row also gets its bandwidth as % of the measured copy bandwidth."""
+    rows = [copy_bandwidth(device)]
+    for t, n in ACT_SHAPES:
+        rows += bench_act_stats(kernels, device, t, n)
+    for name, sizes in GATHER_MODELS.items():
+        rows += bench_gather(kernels, device, name, *sizes)
+    for dist in ("uniform", "zipf"):
+        rows += bench_histogram(kernels, device, dist)
+    for r in rows:
+        r["% of copy"] = 100 * r["GB/s"] / rows[0]["GB/s"]
+    return rows
+
+
+def markdown(meta: dict, rows: list[dict]) -> str:
+    cols = ["bench", "case", "impl", "ms", "ms_p20", "ms_p80", "GB/s", "% of copy", "Gtok/s"]
+    lines = [
+        f"# Kernel benchmarks on {meta['device']}",
+        "",
+        f"torch {meta['torch']}, triton {meta['triton']}, CUDA {meta['cuda']}; times: do_bench median, 20%, 80% (ms).",
+        "",
+        "| " + " | ".join(cols) + " |",
+        "|" + "---|" * len(cols),
+    ]
+    for r in rows:
+        cells = [f"{r[c]:.4g}" if isinstance(r.get(c), float) else str(r.get(c, "")) for c in cols]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=RESULTS, help="folder for kernels_<device>.json / .md")
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("bench_kernels: needs CUDA, skipped")
+        return 0
+    import triton
+
+    from minigpt import kernels
+
+    meta = {
+        "device": torch.cuda.get_device_name(),
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "cuda": torch.version.cuda,
+    }
+    rows = run_all(kernels, "cuda")
+    args.out.mkdir(parents=True, exist_ok=True)
+    stem = args.out / f"kernels_{re.sub(r'[^a-z0-9]+', '_', meta['device'].lower()).strip('_')}"
+    stem.with_suffix(".json").write_text(json.dumps({**meta, "results": rows}, indent=2) + "\n")
+    table = markdown(meta, rows)
+    stem.with_suffix(".md").write_text(table)
+    print(table)
+    print(f"wrote {stem}.json and {stem}.md")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
