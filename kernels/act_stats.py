@@ -28,7 +28,10 @@ def _activation(x, ACT: tl.constexpr):
     if ACT == "silu":
         y = x * tl.sigmoid(x)
     elif ACT == "gelu_tanh":
-        y = x * tl.sigmoid((x + 0.044715 * x * x * x) * _TWO_SQRT_2_OVER_PI)  # 0.5 x (1 + tanh(u)) = x σ(2u)
+        # tanh(u) = 2 σ(2u) - 1, kept in the reference's 0.5 x (1 + tanh(u)) form (not x σ(2u)) so that h rounds to
+        # exactly 0 for the same very negative x as every other backend: nnz must agree
+        tanh = 2.0 * tl.sigmoid((x + 0.044715 * x * x * x) * _TWO_SQRT_2_OVER_PI) - 1.0
+        y = 0.5 * x * (1.0 + tanh)
     elif ACT == "gelu":
         y = 0.5 * x * (1.0 + tl.erf(x * _RSQRT_2))
     elif ACT == "relu":
