@@ -1,0 +1,76 @@
+// CUDA implementations of the minigpt ops: torch glue around the plain-pointer launchers (compiled WITH_CUDA only).
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include "../common.h"
+#include "launchers.h"
+
+namespace minigpt::cuda {
+namespace {
+
+at::Tensor act_stats(const at::Tensor& gate, const std::optional<at::Tensor>& up, c10::string_view act,
+                     at::Tensor& acc, at::Tensor& nnz) {
+  const c10::cuda::CUDAGuard guard(gate.device());
+  const at::Tensor g = as_rows(gate);
+  const std::optional<at::Tensor> u = up ? std::optional(as_rows(*up)) : std::nullopt;
+  at::Tensor out;
+  const StatsArgs a = act_stats_args(gate, g, u, std::string_view(act.data(), act.size()), acc, nnz, &out);
+  C10_CUDA_CHECK(launch_stats(a, c10::cuda::getCurrentCUDAStream()));
+  return out;
+}
+
+void column_stats(const at::Tensor& x, at::Tensor& acc, at::Tensor& nnz) {
+  const c10::cuda::CUDAGuard guard(x.device());
+  const at::Tensor rows = as_rows(x);
+  C10_CUDA_CHECK(launch_stats(stats_args(rows, acc, nnz), c10::cuda::getCurrentCUDAStream()));
+}
+
+// Ids are checked before counting (one host sync), so counts is untouched on error.
+void token_histogram(const at::Tensor& ids, const std::optional<at::Tensor>& mask, at::Tensor& counts) {
+  const c10::cuda::CUDAGuard guard(ids.device());
+  const std::optional<at::Tensor> m = check_histogram(ids, mask, counts);
+  const at::Tensor flat = ids.contiguous();
+  const bool* mask_ptr = m ? m->const_data_ptr<bool>() : nullptr;
+  const bool ids64 = flat.scalar_type() == at::kLong;
+  const int64_t V = counts.numel();
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  at::Tensor bad = at::zeros({1}, flat.options().dtype(at::kInt));
+  C10_CUDA_CHECK(launch_check_ids(flat.const_data_ptr(), ids64, mask_ptr, flat.numel(), V, bad.data_ptr<int32_t>(),
+                                  stream));
+  TORCH_CHECK(bad.item<int32_t>() == 0, "minigpt: token_histogram ids must lie in the vocabulary [0, ", V, ")");
+  int smem_bytes = 0, num_sms = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&smem_bytes, cudaDevAttrMaxSharedMemoryPerBlockOptin, ids.get_device()));
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&num_sms, cudaDevAttrMultiProcessorCount, ids.get_device()));
+  C10_CUDA_CHECK(launch_histogram(flat.const_data_ptr(), ids64, mask_ptr, flat.numel(), counts.data_ptr<int64_t>(), V,
+                                  smem_bytes, num_sms, stream));
+}
+
+std::vector<at::Tensor> gather(at::TensorList srcs, at::TensorList indices, at::IntArrayRef dims) {
+  TORCH_CHECK(srcs.size() == indices.size() && srcs.size() == dims.size(),
+              "minigpt: gather needs as many indices and dims as sources");
+  std::vector<at::Tensor> outs;
+  outs.reserve(srcs.size());
+  for (size_t i = 0; i < srcs.size(); ++i) {
+    const c10::cuda::CUDAGuard guard(srcs[i].device());
+    const at::Tensor idx = check_gather(srcs[i], indices[i], dims[i]);
+    at::Tensor out = gather_output(srcs[i], idx, dims[i]);
+    C10_CUDA_CHECK(launch_gather(srcs[i].const_data_ptr(), srcs[i].stride(0), srcs[i].stride(1), idx.const_data_ptr(),
+                                 idx.scalar_type() == at::kLong, dims[i], out.data_ptr(), out.size(0), out.size(1),
+                                 srcs[i].element_size(), c10::cuda::getCurrentCUDAStream()));
+    outs.push_back(std::move(out));
+  }
+  return outs;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(minigpt, CUDA, m) {
+  m.impl("act_stats", &act_stats);
+  m.impl("column_stats", &column_stats);
+  m.impl("token_histogram", &token_histogram);
+  m.impl("gather", &gather);
+}
+
+}  // namespace minigpt::cuda

@@ -1,0 +1,233 @@
+"""The C++ ops (and the CUDA ops, where built) of ``minigpt._C`` against ``minigpt.reference``.
+
+Histograms and gathers must match exactly. Float statistics are compared with an fp64 computation: our error must
+stay within twice the reference's own fp32 error plus a couple of fp32 roundings (flash-attention's rule).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from minigpt import reference as R
+
+_C = pytest.importorskip("minigpt._C", reason="the C++ extension minigpt._C is not built")
+ops = torch.ops.minigpt
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() and _C.WITH_CUDA else [])
+FLOATS = [torch.float32, torch.float16, torch.bfloat16]
+# empty, one element, odd sizes (not multiples of 16, 32 or 256 columns / 32 tokens), leading dims, many tokens
+SHAPES = [(0, 7), (1, 1), (37, 300), (3, 5, 129), (1000, 33)]
+EXACT_ACTS = ("relu", "identity")  # h = act(gate) * up is one fp32 rounding at most: same bits as the reference
+EPS32 = torch.finfo(torch.float32).eps
+
+
+def empty_stats(n: int, device: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Non-zero starting accumulators acc: (3, n) fp32 and nnz: (n,) int64, to test accumulation."""
+    acc = torch.rand(3, n, device=device)
+    return acc, torch.randint(0, 5, (n,), device=device)
+
+
+def inputs(shape, dtype, device, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """gate, up of ``shape``: normal, clipped to ±4 (no activation underflows to 0), with planted zeros."""
+    g = torch.Generator().manual_seed(seed)
+    gate, up = (torch.randn(shape, generator=g).clamp(-4, 4) for _ in range(2))
+    gate.view(-1)[::7] = 0
+    up.view(-1)[::11] = 0
+    return gate.to(device, dtype), up.to(device, dtype)
+
+
+def stats64(h: torch.Tensor, acc: torch.Tensor, nnz: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The exact statistics (fp64) of h: (..., N) added to copies of acc, nnz."""
+    h = h.reshape(-1, h.shape[-1]).double()
+    acc = acc.double().clone()
+    if h.shape[0]:
+        acc[0] += h.abs().sum(0)
+        acc[1] += (h * h).sum(0)
+        acc[2] = torch.maximum(acc[2], h.abs().amax(0))
+    return acc, nnz + (h != 0).sum(0)
+
+
+def max_abs(x: torch.Tensor) -> torch.Tensor:
+    return x.abs().amax() if x.numel() else x.new_zeros(())
+
+
+def rel_err(x: torch.Tensor, exact: torch.Tensor) -> torch.Tensor:
+    return max_abs((x.double() - exact) / exact.abs().clamp_min(torch.finfo(torch.float32).tiny))
+
+
+def assert_stats(ours, ref, exact, exact_max: bool) -> None:
+    """ours, ref: (acc, nnz) from our op and the reference; exact: fp64 (acc, nnz)."""
+    for row in (0, 1) if exact_max else (0, 1, 2):
+        ours_err, ref_err = rel_err(ours[0][row], exact[0][row]), rel_err(ref[0][row], exact[0][row])
+        assert ours_err <= 2 * ref_err + 2 * EPS32, f"acc[{row}]: error {ours_err:.3g} vs reference {ref_err:.3g}"
+    if exact_max:
+        assert torch.equal(ours[0][2], ref[0][2])
+    assert torch.equal(ours[1], ref[1])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", FLOATS)
+@pytest.mark.parametrize("shape", SHAPES)
+def test_column_stats(device, dtype, shape):
+    x, _ = inputs(shape, dtype, device)
+    acc, nnz = empty_stats(shape[-1], device)
+    exact = stats64(x, acc, nnz)
+    ref = acc.clone(), nnz.clone()
+    R.column_stats_ref(x, *ref)
+    ops.column_stats(x, acc, nnz)
+    assert_stats((acc, nnz), ref, exact, exact_max=True)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", FLOATS)
+@pytest.mark.parametrize("act", R.ACTIVATIONS)
+@pytest.mark.parametrize("gated", [True, False])
+@pytest.mark.parametrize("shape", SHAPES)
+def test_act_stats(device, dtype, act, gated, shape):
+    gate, up = inputs(shape, dtype, device)
+    up = up if gated else None
+    acc, nnz = empty_stats(shape[-1], device)
+    h64 = R.activation_ref(gate.double(), act) * (up.double() if gated else 1.0)
+    exact = stats64(h64, acc, nnz)
+    ref_acc, ref_nnz = acc.clone(), nnz.clone()
+    ref_h = R.act_stats_ref(gate, up, act, ref_acc, ref_nnz)
+    h = ops.act_stats(gate, up, act, acc, nnz)
+
+    assert h.dtype == dtype and h.shape == gate.shape and h.is_contiguous()
+    if act in EXACT_ACTS:
+        assert torch.equal(h, ref_h)
+    else:
+        ours_err, ref_err = max_abs(h.double() - h64), max_abs(ref_h.double() - h64)
+        assert ours_err <= 2 * ref_err + torch.finfo(dtype).eps * max_abs(h64)
+    assert_stats((acc, nnz), (ref_acc, ref_nnz), exact, exact_max=act in EXACT_ACTS)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_stats_accumulate_across_calls(device):
+    acc, nnz = empty_stats(300, device)
+    ref = acc.clone(), nnz.clone()
+    for seed in (1, 2):
+        gate, up = inputs((37, 300), torch.float32, device, seed)
+        ops.act_stats(gate, up, "relu", acc, nnz)
+        R.act_stats_ref(gate, up, "relu", *ref)
+        ops.column_stats(up, acc, nnz)
+        R.column_stats_ref(up, *ref)
+    torch.testing.assert_close(acc, ref[0], rtol=4 * EPS32, atol=0)
+    assert torch.equal(acc[2], ref[0][2]) and torch.equal(nnz, ref[1])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_stats_nan_propagates_to_max(device):
+    x = torch.ones(40, 3, device=device)
+    x[17, 1] = float("nan")
+    acc, nnz = empty_stats(3, device)
+    ref = acc.clone(), nnz.clone()
+    ops.column_stats(x, acc, nnz)
+    R.column_stats_ref(x, *ref)
+    torch.testing.assert_close(acc, ref[0], equal_nan=True)
+    assert torch.equal(nnz, ref[1])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_stats_errors(device):
+    gate, up = inputs((4, 6), torch.float32, device)
+    acc, nnz = empty_stats(6, device)
+    with pytest.raises(RuntimeError, match="unknown activation"):
+        ops.act_stats(gate, up, "tanh", acc, nnz)
+    with pytest.raises(RuntimeError, match="acc must be"):
+        ops.column_stats(gate, acc[:, :5], nnz)
+    with pytest.raises(RuntimeError, match="up must match gate"):
+        ops.act_stats(gate, up.half(), "silu", acc, nnz)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("id_dtype", [torch.int32, torch.int64])
+@pytest.mark.parametrize("vocab", [1, 1000, 262_147])
+@pytest.mark.parametrize("mask_kind", ["none", "bool", "int", "padding_only"])
+@pytest.mark.parametrize("shape", [(0,), (3, 17), (40, 1000)])
+def test_token_histogram(device, id_dtype, vocab, mask_kind, shape):
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, vocab, shape, generator=g).to(device, id_dtype)
+    mask = {
+        "none": None,
+        "bool": torch.rand(shape, generator=g) < 0.7,
+        "int": (torch.rand(shape, generator=g) < 0.7).int(),
+        "padding_only": torch.zeros(shape, dtype=torch.bool),
+    }[mask_kind]
+    mask = None if mask is None else mask.to(device)
+    counts = torch.randint(0, 3, (vocab,), device=device)
+    ref = counts.clone()
+    R.token_histogram_ref(ids, mask, ref)
+    ops.token_histogram(ids, mask, counts)
+    assert torch.equal(counts, ref)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_token_histogram_range(device):
+    counts = torch.zeros(10, dtype=torch.long, device=device)
+    ids = torch.tensor([[1, 2, -100], [10, 3, 9]], device=device)
+    mask = torch.tensor([[True, True, False], [False, True, True]], device=device)
+    ref = counts.clone()
+    R.token_histogram_ref(ids, mask, ref)  # out-of-range ids under a false mask are ignored
+    ops.token_histogram(ids, mask, counts)
+    assert torch.equal(counts, ref)
+    for bad in (-1, 10):
+        before = counts.clone()
+        with pytest.raises(RuntimeError, match="vocabulary"):
+            ops.token_histogram(torch.tensor([0, bad, 2], device=device), None, counts)
+        assert torch.equal(counts, before)
+
+
+GATHER_DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int64, torch.int8, torch.bool,
+                 torch.complex128]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", GATHER_DTYPES)
+@pytest.mark.parametrize("idx_dtype", [torch.int32, torch.int64])
+def test_gather(device, dtype, idx_dtype):
+    g = torch.Generator().manual_seed(0)
+    base = torch.randn(37, 301, generator=g) * 50
+    src = (base > 0) if dtype == torch.bool else base.to(dtype)
+    src = src.to(device)
+    srcs = [src, src, src.t(), src[:, ::3], src, src]  # contiguous, transposed and strided sources
+    indices = [torch.randint(0, s.shape[d], (n,), generator=g).to(idx_dtype)
+               for s, d, n in zip(srcs, [0, 1, 0, 1, 1, 0], [19, 250, 7, 40, 0, 37])]
+    dims = [0, 1, 0, 1, 1, 0]
+    outs = ops.gather(srcs, indices, dims)
+    for out, ref in zip(outs, R.gather_ref(srcs, indices, dims)):
+        assert out.is_contiguous() and out.dtype == ref.dtype and torch.equal(out, ref)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_gather_errors(device):
+    src = torch.randn(4, 6, device=device)
+    with pytest.raises(RuntimeError, match="out of range"):
+        ops.gather([src], [torch.tensor([0, 6])], [1])
+    with pytest.raises(RuntimeError, match="out of range"):
+        ops.gather([src], [torch.tensor([-1])], [0])
+    with pytest.raises(RuntimeError, match="dims must be 0 or 1"):
+        ops.gather([src], [torch.tensor([0])], [2])
+
+
+def opcheck_cases(device: str):
+    gate, up = inputs((9, 20), torch.float32, device)
+    acc, nnz = empty_stats(20, device)
+    ids = torch.randint(0, 50, (3, 7), device=device)
+    return [
+        (ops.act_stats.default, (gate, up, "silu", acc, nnz)),
+        (ops.act_stats.default, (gate.half(), None, "gelu", acc, nnz)),
+        (ops.column_stats.default, (gate, acc, nnz)),
+        (ops.token_histogram.default, (ids, ids > 10, torch.zeros(50, dtype=torch.long, device=device))),
+        (ops.token_histogram.default, (ids, None, torch.zeros(50, dtype=torch.long, device=device))),
+        (ops.gather.default, ([gate, up.t()], [torch.tensor([3, 1], device=device), torch.tensor([0, 8], device=device)],
+                              [0, 1])),
+    ]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("case", range(6))
+def test_opcheck(device, case):
+    op, args = opcheck_cases(device)[case]
+    torch.library.opcheck(op, args)
