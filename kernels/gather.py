@@ -1,6 +1,6 @@
 """Batched row / column gather of 2-D weight matrices (reference: ``minigpt.reference.gather_ref``).
 
-Launch plan: matrices are grouped by (element size, gathered dim); each group is ONE launch over the output tiles
+Launch plan: matrices are grouped by (device, element size, gathered dim); each group is ONE launch over the output tiles
 of all its matrices. The gather is a bit copy, so fp16 and bf16 share a launch (moved as int16), and the dim is a
 constexpr so row gathers keep contiguous, vectorisable rows. A host-built int64 table holds, per matrix, the
 source and output addresses, the offset of its indices in one concatenated index tensor, its output shape and
@@ -100,8 +100,8 @@ def _launch_group(srcs: list[torch.Tensor], outs: list[torch.Tensor], idx: list[
 def gather(srcs: list[torch.Tensor], indices: list[torch.Tensor], dims: list[int]) -> list[torch.Tensor]:
     """For each i, ``srcs[i].index_select(dims[i], indices[i])`` as a new contiguous tensor.
 
-    srcs: 2-D tensors on one device (any dtype); indices: 1-D integer tensors (any device), assumed in range;
-    dims: 0 (rows) or 1 (columns). One launch per (element size, dim) group.
+    srcs: 2-D tensors (any dtype); indices: 1-D integer tensors (any device), assumed in range (not checked);
+    dims: 0 (rows) or 1 (columns). One launch per (device, element size, dim) group.
     """
     if not (len(srcs) == len(indices) == len(dims)):
         raise ValueError("srcs, indices and dims must have the same length")
@@ -117,10 +117,10 @@ def gather(srcs: list[torch.Tensor], indices: list[torch.Tensor], dims: list[int
         outs.append(out)
         if out.numel():
             bits = _BITS[s.element_size()]
-            group = groups.setdefault((s.element_size(), d), ([], [], []))
+            group = groups.setdefault((s.device, s.element_size(), d), ([], [], []))
             group[0].append((s if s.stride(1) == 1 else s.contiguous()).view(bits))
             group[1].append(out.view(bits))
             group[2].append(i)
-    for (_, d), (group_srcs, group_outs, group_idx) in groups.items():
+    for (_, _, d), (group_srcs, group_outs, group_idx) in groups.items():
         _launch_group(group_srcs, group_outs, group_idx, d)
     return outs
