@@ -118,7 +118,7 @@ def _check_stats(acc: torch.Tensor, nnz: torch.Tensor, n: int, device: torch.dev
 def _launch(
     x: torch.Tensor, up: torch.Tensor | None, act: str, acc: torch.Tensor, nnz: torch.Tensor, write_out: bool
 ) -> torch.Tensor | None:
-    """Run the kernel over ``x: (..., N)`` (and ``up``, same shape); returns ``h`` shaped like ``x`` if ``write_out``."""
+    """Run the kernel over ``x: (..., N)`` (and ``up``, same shape); returns ``h`` (shaped like x) if ``write_out``."""
     if act not in ACTIVATIONS:
         raise ValueError(f"unknown activation {act!r}; expected one of {', '.join(ACTIVATIONS)}")
     if up is not None and (up.shape != x.shape or up.device != x.device):

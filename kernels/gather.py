@@ -1,7 +1,7 @@
 """Batched row / column gather of 2-D weight matrices (reference: ``minigpt.reference.gather_ref``).
 
-Launch plan: matrices are grouped by (device, element size, gathered dim); each group is ONE launch over the output tiles
-of all its matrices. The gather is a bit copy, so fp16 and bf16 share a launch (moved as int16), and the dim is a
+Launch plan: matrices are grouped by (device, element size, gathered dim); each group is ONE launch over the output
+tiles of all its matrices. The gather is a bit copy, so fp16 and bf16 share a launch (moved as int16), and the dim is a
 constexpr so row gathers keep contiguous, vectorisable rows. A host-built int64 table holds, per matrix, the
 source and output addresses, the offset of its indices in one concatenated index tensor, its output shape and
 source row stride, followed by the prefix sum of tiles; each program finds its matrix by binary search in that
