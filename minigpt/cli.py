@@ -24,7 +24,7 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
 def _add_calibration_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", nargs="+", help="files, directories or corpus names (stdlib, pydocs); default: stdlib")
     p.add_argument("--text-field", default="text", help="field holding the text in JSON lines / parquet")
-    p.add_argument("--max-tokens", type=int, default=65536, help="calibration tokens (whole sequences)")
+    p.add_argument("--max-tokens", type=int, default=16384, help="calibration tokens (whole sequences)")
     p.add_argument("--seq-len", type=int, default=512)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--backend", default="auto", choices=("auto", "triton", "cuda", "cpp", "torch"))
@@ -33,7 +33,7 @@ def _add_calibration_args(p: argparse.ArgumentParser) -> None:
 
 def _add_eval_args(p: argparse.ArgumentParser, data_flag: str) -> None:
     p.add_argument(data_flag, nargs="+", help="held-out files or corpus names; default: stdlib-heldout")
-    p.add_argument("--eval-tokens", type=int, default=16384, help="held-out tokens scored")
+    p.add_argument("--eval-tokens", type=int, default=8192, help="held-out tokens scored")
     p.add_argument("--eval-seq-len", type=int, default=512)
     p.add_argument("--stride", type=int, default=None, help="window stride (default: the window length)")
 
@@ -69,6 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(ev)
     _add_eval_args(ev, "--data")
     ev.add_argument("--json", action="store_true")
+    ev.add_argument("--no-progress", action="store_true")
     return parser
 
 
@@ -97,7 +98,7 @@ def _eval(model, tokenizer, args, reference_params=None) -> dict:
 
     data = getattr(args, "eval_data", None) if args.command == "prune" else args.data
     return evaluate(model, tokenizer, data, reference_params=reference_params, seq_len=args.eval_seq_len,
-                    stride=args.stride, max_tokens=args.eval_tokens)
+                    stride=args.stride, max_tokens=args.eval_tokens, progress=not args.no_progress)
 
 
 def cmd_calibrate(args) -> None:

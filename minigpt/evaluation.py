@@ -53,7 +53,7 @@ def token_stream(tokenizer, data=None, max_tokens: int = 16384, text_field: str 
 
 @torch.inference_mode()
 def perplexity(model, tokenizer, data=None, *, seq_len: int = 512, stride: int | None = None,
-               max_tokens: int = 16384, batch_size: int = 4, text_field: str = "text") -> dict:
+               max_tokens: int = 16384, batch_size: int = 4, text_field: str = "text", progress: bool = False) -> dict:
     """Perplexity over fixed windows of ``seq_len`` moved by ``stride`` (default: non-overlapping).
 
     Each token after the first is scored once, with up to ``seq_len - 1`` tokens of context.
@@ -71,7 +71,10 @@ def perplexity(model, tokenizer, data=None, *, seq_len: int = 512, stride: int |
         scored_from = end
         if end == ids.numel():
             break
+    from tqdm.auto import tqdm
+
     nll, count = 0.0, 0
+    bar = tqdm(total=ids.numel(), unit="tok", unit_scale=True, desc="evaluating", disable=not progress)
     for i in range(0, len(windows), batch_size):
         group = windows[i: i + batch_size]
         length = max(e - b for b, e, _ in group)
@@ -87,6 +90,8 @@ def perplexity(model, tokenizer, data=None, *, seq_len: int = 512, stride: int |
         ).cpu()
         nll += float((losses * weight).sum())
         count += int(weight.sum())
+        bar.update(int(weight.sum()))
+    bar.close()
     text_bytes = len(tokenizer.decode(ids[1:].tolist(), skip_special_tokens=True).encode("utf-8"))
     return {
         "perplexity": math.exp(nll / count),
