@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 import importlib.util
 import logging
 import os
@@ -80,8 +81,12 @@ def _load_gguf(path: Path, dtype: torch.dtype):
 
     tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
     loaded = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype)
-    # A GGUF-loaded model refuses save_pretrained: rebuild a plain one from its config and weights.
-    model = AutoModelForCausalLM.from_config(loaded.config, dtype=dtype)
+    # A GGUF-loaded model refuses save_pretrained: rebuild a plain one from its config (minus the GGUF
+    # quantization record, which would make every later copy refuse too) and its dequantised weights.
+    config = copy.deepcopy(loaded.config)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     model.load_state_dict(loaded.state_dict())
     model.generation_config = loaded.generation_config
     return model.eval(), tokenizer

@@ -11,13 +11,10 @@ from minigpt.evaluation import parameter_counts, perplexity
 pytestmark = pytest.mark.slow
 
 
-def test_smollm2_l1_20pct_keeps_code_perplexity(smollm2, tmp_path):
+def test_smollm2_l1_20pct_keeps_code_perplexity(tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    model, tokenizer = smollm2
-    model = AutoModelForCausalLM.from_config(model.config)  # a private copy: the session fixture stays unpruned
-    model.load_state_dict(smollm2[0].state_dict())
-    model.eval()
+    model, tokenizer = minigpt.load_model()  # a private copy (pruned in place), loaded as the CLI loads it
     base_params = parameter_counts(model)["total"]
     base = perplexity(model, tokenizer, "stdlib-heldout", max_tokens=4096)
     stats = minigpt.calibrate(model, tokenizer, "stdlib", max_tokens=8192, seq_len=512, batch_size=4,
