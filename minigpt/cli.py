@@ -60,6 +60,10 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--scope", default="uniform", choices=("uniform", "global"), help="how --ratio is spread")
     pr.add_argument("--multiple", type=int, default=1, help="round kept widths up to a multiple (64/128)")
     pr.add_argument("--min-keep", type=float, default=0.0, help="keep at least this fraction of every layer")
+    pr.add_argument("--vocab", action="store_true", help="also drop tokens unseen in the calibration corpus")
+    pr.add_argument("--vocab-min-count", type=int, default=1, help="keep tokens seen at least this often")
+    pr.add_argument("--vocab-keep", nargs="+", default=(), help="tokens always kept")
+    pr.add_argument("--vocab-pad-to", type=int, default=1, help="round the kept vocabulary up to a multiple (64)")
     pr.add_argument("--out", required=True, help="new directory for the pruned model")
     pr.add_argument("--no-eval", action="store_true", help="skip the before/after perplexity")
     pr.add_argument("--json", action="store_true", help="print the report as JSON")
@@ -139,7 +143,8 @@ def cmd_prune(args) -> None:
     from minigpt.compact import save_pruned
     from minigpt.evaluation import parameter_counts
     from minigpt.io import default_model_path
-    from minigpt.pipeline import prune
+    from minigpt.calibration import calibrate
+    from minigpt.pipeline import prune, prune_vocabulary
     from minigpt.planning import PruningPlan
     from minigpt.stats import CalibrationStats
 
@@ -153,25 +158,40 @@ def cmd_prune(args) -> None:
     if not args.no_eval:
         resolve_files(args.eval_data, default="stdlib-heldout")
     ratio = 0.2 if args.threshold is None and args.ratio is None else args.ratio
+    if args.vocab and stats is None:
+        if given_plan is not None:
+            raise MiniGPTError("--vocab needs token counts: give --stats or --data, not only --plan")
     model, tokenizer = _load(args)
     before = None if args.no_eval else _eval(model, tokenizer, args)
     reference = parameter_counts(model)["total"]
+    if args.vocab and stats is None:
+        stats = calibrate(model, tokenizer, args.data, backend=args.backend, **_calibration_kwargs(args))
     model, plan = prune(
         model, tokenizer, stats=stats, pruning_plan=given_plan, data=args.data, metric=args.metric,
         threshold=args.threshold, ratio=ratio, scope=args.scope, multiple=args.multiple, min_keep=args.min_keep,
         backend=args.backend, calibration=_calibration_kwargs(args),
     )
+    vocab_report = None
+    if args.vocab:
+        tokenizer, kept_ids, vocab_report = prune_vocabulary(
+            model, tokenizer, stats.token_counts, min_count=args.vocab_min_count, always_keep=args.vocab_keep,
+            pad_to=args.vocab_pad_to)
+        plan.vocab = kept_ids.tolist()
     if args.no_eval:
         after = {"params": parameter_counts(model)}
     else:
         after = _eval(model, tokenizer, args, reference_params=reference)
     report = {"source": str(source), "plan": plan.policy, "removed_fraction": plan.removed_fraction,
-              "kept_widths": plan.kept_widths, "before": before, "after": after}
+              "kept_widths": plan.kept_widths, "vocab": vocab_report, "before": before, "after": after}
     save_pruned(model, tokenizer, out, plan=plan, source=source, report=report)
     if args.json:
         print(json.dumps(report, indent=1))
     else:
-        print(f"\nremoved {100 * plan.removed_fraction:.1f}% of MLP neurons; saved to {out}\n")
+        print(f"\nremoved {100 * plan.removed_fraction:.1f}% of MLP neurons; saved to {out}")
+        if vocab_report:
+            print(f"vocabulary: kept {vocab_report['vocab_kept']:,} of {vocab_report['vocab_old']:,} tokens "
+                  f"({vocab_report['embedding_params_saved']:,} embedding parameters saved)")
+        print()
         print(_table(before, after))
 
 

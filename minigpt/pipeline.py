@@ -40,3 +40,17 @@ def prune(
         pruning_plan = plan(stats, metric, threshold=threshold, ratio=ratio, scope=scope, multiple=multiple,
                             min_keep=min_keep)
     return compact(model, pruning_plan, backend=backend), pruning_plan
+
+
+def prune_vocabulary(model, tokenizer, token_counts, *, min_count: int = 1, always_keep=(), pad_to: int = 1):
+    """Drop tokens seen fewer than ``min_count`` times (keeping specials, bytes and merge-closure), in place.
+
+    Returns ``(new_tokenizer, kept_ids, report)``; ``kept_ids`` are the old ids in their new order.
+    """
+    from minigpt import vocab
+
+    keep = vocab.plan_vocab(tokenizer, token_counts, min_count=min_count, always_keep=always_keep, pad_to=pad_to)
+    report = vocab.vocab_report(model, keep)
+    new_tokenizer = vocab.prune_tokenizer(tokenizer, keep)
+    vocab.shrink_vocab(model, keep)
+    return new_tokenizer, keep, report

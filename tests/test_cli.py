@@ -120,3 +120,20 @@ def test_unsupported_architecture_and_corrupt_stats(corpus_dir, tmp_path, tiny_t
     bad.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json")
     code, _, err = _run(capsys, "prune", "--model", bert, "--stats", bad, "--out", tmp_path / "o", "--no-eval")
     _assert_clean_failure(code, err, tmp_path, "corrupted")
+
+
+def test_prune_with_vocab_saves_a_stock_loadable_smaller_vocabulary(model_dir, corpus_dir, tmp_path, capsys):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out = tmp_path / "pruned-vocab"
+    code, text, _ = _run(capsys, "prune", "--model", model_dir, "--data", corpus_dir, *CAL, "--ratio", "0.25",
+                         "--vocab", "--out", out, "--eval-data", corpus_dir, *EVAL)
+    assert code == 0 and "vocabulary: kept" in text and "| bits per byte |" in text
+    report = json.loads((out / "minigpt_report.json").read_text())
+    kept = report["vocab"]["vocab_kept"]
+    assert 256 < kept < 512
+    model = AutoModelForCausalLM.from_pretrained(out)
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    assert model.get_input_embeddings().weight.shape[0] == kept == len(tokenizer)
+    text = "def g(y):\n    return [y, 'ünïcode ✓']\n"
+    assert tokenizer.decode(tokenizer(text)["input_ids"]) == text
