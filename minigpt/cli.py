@@ -140,10 +140,10 @@ def _table(before: dict | None, after: dict) -> str:
 
 
 def cmd_prune(args) -> None:
+    from minigpt.calibration import calibrate
     from minigpt.compact import save_pruned
     from minigpt.evaluation import parameter_counts
     from minigpt.io import default_model_path
-    from minigpt.calibration import calibrate
     from minigpt.pipeline import prune, prune_vocabulary
     from minigpt.planning import PruningPlan
     from minigpt.stats import CalibrationStats

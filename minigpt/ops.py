@@ -17,7 +17,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
@@ -37,7 +37,7 @@ def _impls(backend: str) -> dict[str, Callable] | None:
         return {op: getattr(reference, f"{op}_ref") for op in OPS}
     if backend in ("cpp", "cuda"):
         try:
-            from minigpt import _C  # noqa: F401  (registers torch.ops.minigpt.*)
+            from minigpt import _C
         except ImportError as err:
             log.warning("minigpt: C++ extension not built (%s); using the PyTorch reference", err)
             return None

@@ -73,7 +73,7 @@ class PruningPlan:
             tmp.write_text(self.to_json())
 
     @classmethod
-    def load(cls, path: str | os.PathLike) -> "PruningPlan":
+    def load(cls, path: str | os.PathLike) -> PruningPlan:
         try:
             raw = json.loads(open(path).read())
             plan = cls(kept=raw["kept"], widths=raw["widths"], fingerprint=raw.get("fingerprint", {}),

@@ -65,7 +65,7 @@ class CalibrationStats:
     meta: dict = field(default_factory=dict)
 
     @classmethod
-    def empty(cls, fp: dict, device: str | torch.device = "cpu") -> "CalibrationStats":
+    def empty(cls, fp: dict, device: str | torch.device = "cpu") -> CalibrationStats:
         """Zero statistics for a model with fingerprint ``fp``."""
         ws = fp["mlp_widths"]
         return cls(
@@ -82,14 +82,14 @@ class CalibrationStats:
     def num_layers(self) -> int:
         return len(self.sum_abs)
 
-    def to(self, device) -> "CalibrationStats":
-        move = lambda ts: [t.to(device) for t in ts]  # noqa: E731
+    def to(self, device) -> CalibrationStats:
+        move = lambda ts: [t.to(device) for t in ts]
         return CalibrationStats(
             move(self.sum_abs), move(self.sum_sq), move(self.max_abs), move(self.nonzero),
             self.token_counts.to(device), self.tokens, dict(self.fingerprint), dict(self.meta),
         )
 
-    def merge(self, other: "CalibrationStats") -> "CalibrationStats":
+    def merge(self, other: CalibrationStats) -> CalibrationStats:
         """Statistics of both corpora: sums add, maxima take the max. Refuses other models' stats."""
         check_fingerprint(self.fingerprint, other.fingerprint)
         o = other.to(self.token_counts.device)
@@ -130,7 +130,7 @@ class CalibrationStats:
             save_file(self.tensors(), str(tmp), metadata={"minigpt": json.dumps(header)})
 
     @classmethod
-    def load(cls, path: str | os.PathLike) -> "CalibrationStats":
+    def load(cls, path: str | os.PathLike) -> CalibrationStats:
         """Read a stats file; a missing, truncated or foreign file gets a one-line error."""
         from safetensors import safe_open
 
