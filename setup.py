@@ -34,7 +34,8 @@ def _extension_kwargs() -> dict:
 
     os.environ.setdefault("MAX_JOBS", str(min(4, os.cpu_count() or 1)))
     sources = ["csrc/ops.cpp", *(str(p.relative_to(ROOT)) for p in sorted((ROOT / "csrc" / "cpu").glob("*.cpp")))]
-    cxx = ["-O3", "-fopenmp", "-ffp-contract=off", "-fno-trapping-math"]  # same rounding on every ISA; vectorisable selects
+    # same rounding on every ISA; vectorisable selects; no memcpy calls for short rows (slow on some CPUs)
+    cxx = ["-O3", "-fopenmp", "-ffp-contract=off", "-fno-trapping-math", "-fno-tree-loop-distribute-patterns"]
     extension, nvcc_args = cpp_extension.CppExtension, {}
     if torch.version.cuda is None:
         print("minigpt: torch has no CUDA; building the CPU kernels only.", file=sys.stderr)

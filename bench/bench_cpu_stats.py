@@ -10,6 +10,7 @@ Shape (4096, 1536) fp32: T tokens x N neurons of one calibration batch.
 from __future__ import annotations
 
 import json
+import os
 import platform
 import statistics
 import time
@@ -77,9 +78,11 @@ def main() -> None:
             rows.append({"op": op, "backend": backend, "median_ms": med[backend], "q1_ms": q1, "q3_ms": q3,
                          "input_GB_s": gb_s, "speedup_vs_torch": med["torch"] / med[backend]})
     meta = {"shape": [T, N], "dtype": "float32", "threads": torch.get_num_threads(), "torch": torch.__version__,
-            "cpu": platform.processor() or platform.machine(), "cpu_capability": torch.backends.cpu.get_cpu_capability()}
-    lines = [f"CPU stats, ({T}, {N}) fp32, {meta['threads']} threads, torch {meta['torch']} ({meta['cpu_capability']})",
-             "", "| op | backend | median ms | IQR ms | input GB/s | speedup vs torch |", "|---|---|---|---|---|---|"]
+            "cpu": platform.processor() or platform.machine(), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            "load_avg_1min": os.getloadavg()[0]}  # other processes on the machine skew both columns
+    title = (f"CPU stats, ({T}, {N}) fp32, {meta['threads']} threads, torch {meta['torch']} ({meta['cpu_capability']}), "
+             f"load average {meta['load_avg_1min']:.1f}")
+    lines = [title, "", "| op | backend | median ms | IQR ms | input GB/s | speedup vs torch |", "|---|---|---|---|---|---|"]
     lines += [f"| {r['op']} | {r['backend']} | {r['median_ms']:.2f} | {r['q1_ms']:.2f}-{r['q3_ms']:.2f} | "
               f"{r['input_GB_s']:.2f} | {r['speedup_vs_torch']:.1f}x |" for r in rows]
     table = "\n".join(lines)

@@ -16,8 +16,8 @@ ops = torch.ops.minigpt
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() and _C.WITH_CUDA else [])
 FLOATS = [torch.float32, torch.float16, torch.bfloat16]
-# empty, one element, odd sizes (not multiples of 16, 32 or 256 columns / 32 tokens), leading dims, many tokens
-SHAPES = [(0, 7), (1, 1), (37, 300), (3, 5, 129), (1000, 33)]
+# empty, one element, odd sizes (not multiples of 16 or 32), leading dims, many tokens, several 1024-column blocks
+SHAPES = [(0, 7), (1, 1), (37, 300), (3, 5, 129), (1000, 33), (40, 2100)]
 EXACT_ACTS = ("relu", "identity")  # h = act(gate) * up is one fp32 rounding at most: same bits as the reference
 EPS32 = torch.finfo(torch.float32).eps
 

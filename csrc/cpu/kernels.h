@@ -5,8 +5,9 @@
 
 namespace minigpt::cpu {
 
-// Widest column block one thread owns; its per-column accumulators stay in L1.
-constexpr int64_t kBlock = 256;
+// Widest column block one thread owns. Wide blocks keep long contiguous runs per row (the prefetchers stream them);
+// the 48 KiB of per-column accumulators live on the thread's stack, in L1/L2.
+constexpr int64_t kBlock = 1024;
 
 // Statistics (and h) of columns [c0, c0 + nc) over all a.T rows, nc <= kBlock. One call per thread and block.
 using StatsBlockFn = void (*)(const StatsArgs& a, int64_t c0, int64_t nc);

@@ -1,6 +1,7 @@
 // Body of the CPU statistics kernels. Included by one .cpp per instruction set, which defines MINIGPT_ISA
 // (the namespace) and the target; plain loops over contiguous columns that the compiler vectorises.
-// Built with -ffp-contract=off, so every instruction set rounds identically.
+// Built with -ffp-contract=off (every instruction set rounds identically), -fno-trapping-math (selects vectorise)
+// and -fno-tree-loop-distribute-patterns (no memcpy/memset calls for short rows).
 #ifndef MINIGPT_ISA
 #error "define MINIGPT_ISA before including kernels_impl.h"
 #endif
@@ -138,14 +139,12 @@ inline const float* h_row(const StatsArgs& a, int64_t t, int64_t c0, int64_t nc,
     return g;
   } else {
     const T* __restrict u = kGated ? static_cast<const T*>(a.up) + off : nullptr;
+    T* __restrict o = kOut ? static_cast<T*>(a.out) + off : nullptr;
     for (int64_t j = 0; j < nc; ++j) {
       float v = activate<A>(to_float(g[j]));
       if constexpr (kGated) v *= to_float(u[j]);
       buf[j] = v;
-    }
-    if constexpr (kOut) {
-      T* __restrict o = static_cast<T*>(a.out) + off;
-      for (int64_t j = 0; j < nc; ++j) o[j] = from_float<T>(buf[j]);
+      if constexpr (kOut) o[j] = from_float<T>(v);
     }
     return buf;
   }

@@ -24,7 +24,7 @@ StatsBlockFn pick_stats_block() {
 
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
-// Column blocks of at most kBlock, a multiple of 16 wide, at least one per thread when N allows.
+// Column blocks of at most kBlock, a multiple of 16 wide: one per thread when they fit, else a multiple of threads.
 void run_stats(const StatsArgs& a) {
   if (a.T == 0 || a.N == 0) return;
   static const StatsBlockFn stats_block = pick_stats_block();
