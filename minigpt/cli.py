@@ -74,6 +74,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_eval_args(ev, "--data")
     ev.add_argument("--json", action="store_true")
     ev.add_argument("--no-progress", action="store_true")
+
+    from minigpt import bench
+
+    bench.add_parser(sub)
     return parser
 
 
@@ -218,7 +222,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     try:
-        COMMANDS[args.command](args)
+        COMMANDS.get(args.command, getattr(args, "func", None))(args)
     except MiniGPTError as err:
         print(f"minigpt: error: {err}", file=sys.stderr)
         return 2
