@@ -104,15 +104,21 @@ def _closure(ids: Iterable[int], keep: list[bool], parts: dict[int, list[tuple[i
 
 
 def plan_vocab(
-    tokenizer, counts: torch.Tensor, min_count: int = 1, always_keep: Sequence[str] = (), pad_to: int = 1
+    tokenizer,
+    counts: torch.Tensor,
+    min_count: int = 1,
+    always_keep: Sequence[str] = (),
+    pad_to: int = 1,
+    min_size: int = 0,
 ) -> torch.Tensor:
     """Old token ids to keep (ascending): frequent, special, byte-alphabet and ``always_keep`` tokens, merge-closed.
 
     ``counts[i]`` is how often id ``i`` appeared in the calibration corpus (ids past the tokenizer's vocabulary,
     e.g. padding rows of the embedding, are ignored and dropped). The merge-closure adds both parts of every merge
     that produces a kept token, recursively, so any text whose original tokenisation uses only kept tokens
-    tokenises identically. ``pad_to > 1`` adds the most frequent remaining tokens (ties: lowest id), with their
-    closures, until the count is a multiple of ``pad_to`` (or nothing is left to add).
+    tokenises identically. The most frequent remaining tokens (ties: lowest id, i.e. earliest merge), with their
+    closures, are then added until at least ``min_size`` tokens are kept and the count is a multiple of ``pad_to``
+    (or nothing is left to add).
     """
     spec = _spec(tokenizer)
     vocab, id_to_tok = spec["model"]["vocab"], _id_to_token(spec)
@@ -138,12 +144,15 @@ def plan_vocab(
     for i in _closure([i for i in range(size) if keep[i]] + forced, [False] * size, parts):
         keep[i] = True
 
-    need = -sum(keep) % pad_to
+    kept = sum(keep)
+    need = -(-max(kept, min_size) // pad_to) * pad_to - kept
     order = sorted((i for i in id_to_tok if not keep[i]), key=lambda i: (-counts[i], i))
     while need and order:
         for i in order:
+            if not need:
+                break
             new = _closure([i], keep, parts)
-            if need and 0 < len(new) <= need:
+            if 0 < len(new) <= need:
                 for j in new:
                     keep[j] = True
                 need -= len(new)
