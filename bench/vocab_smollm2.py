@@ -6,7 +6,7 @@ parameters saved, tokens per byte, bits per byte (model NLL over fixed 512-token
 exactness. A plan ``MIN_COUNT:MIN_SIZE`` keeps tokens seen ``MIN_COUNT`` times, filled up to ``MIN_SIZE`` tokens
 with the most frequent, then earliest-merged ones. Writes ``bench/results/vocab_smollm2.{json,md}``.
 
-    python bench/vocab_smollm2.py [--calib-tokens 1000000] [--bpb-bytes 40000] [--plans 1:0 2:0 1:19648]
+    python bench/vocab_smollm2.py [--calib-tokens 1000000] [--bpb-bytes 30000] [--plans 1:19648 1:0 2:0]
 """
 
 from __future__ import annotations
@@ -79,10 +79,10 @@ def exact(tokenizer, texts: list[str]) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--calib-tokens", type=int, default=1_000_000)
-    parser.add_argument("--held-out-files", type=int, default=200, help="disjoint files for tokens/byte, round trip")
-    parser.add_argument("--bpb-bytes", type=int, default=40_000, help="held-out bytes scored for bits/byte")
+    parser.add_argument("--held-out-files", type=int, default=100, help="disjoint files for tokens/byte, round trip")
+    parser.add_argument("--bpb-bytes", type=int, default=30_000, help="held-out bytes scored for bits/byte")
     parser.add_argument("--window", type=int, default=512)
-    parser.add_argument("--plans", nargs="+", default=["1:0", "2:0", "1:19648"], help="MIN_COUNT:MIN_SIZE")
+    parser.add_argument("--plans", nargs="+", default=["1:19648", "1:0", "2:0"], help="MIN_COUNT:MIN_SIZE")
     parser.add_argument("--pad-to", type=int, default=64)
     parser.add_argument("--prefix-token", default="<|endoftext|>")
     args = parser.parse_args()
