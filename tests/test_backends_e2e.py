@@ -11,8 +11,10 @@ What must agree, and how closely:
   difference propagates through later layers, so no bit-exact match is owed. The bound is the reference's own fp32
   error, measured against a float64 copy of the model calibrated with the reference backend: per layer, a backend
   may be off the fp32 reference by twice that error plus a few fp32 ulps of the layer's largest value;
-* non-zero counts: exactly, checked rather than assumed: a zero of h needs an exact zero (or underflow) of the
-  activation or of ``up``, which these models' activations never come near.
+* non-zero counts: exactly on the tiny models. On SmolLM2 not quite: over 4096 tokens one (neuron, token) of layer 3
+  is 0 under the cpp backend and a subnormal under the reference (a gate pre-activation near -90, where the
+  reference's fp32 sigmoid is subnormal and the C++ exp clamps), and such values add nothing measurable to any sum.
+  So SmolLM2 allows per layer a total count difference of 0.1 % of the tokens.
 """
 
 from __future__ import annotations
@@ -54,11 +56,12 @@ def _reference(model, tokenizer, data, **kw):
             _calibrate(copy.deepcopy(model).double(), tokenizer, data, "torch", **kw))
 
 
-def _assert_matches(stats, ref, ref64, backend: str) -> None:
+def _assert_matches(stats, ref, ref64, backend: str, nnz_slack: float = 0.0) -> None:
     assert stats.tokens == ref.tokens
     assert torch.equal(stats.token_counts, ref.token_counts), backend
     for layer in range(ref.num_layers):
-        assert torch.equal(stats.nonzero[layer], ref.nonzero[layer]), (backend, layer)
+        off = (stats.nonzero[layer] - ref.nonzero[layer]).abs().sum().item()
+        assert off <= nnz_slack * ref.tokens, f"{backend} layer {layer}: non-zero counts off by {off}"
         for name in ("sum_abs", "sum_sq", "max_abs"):
             got, want, exact = (getattr(s, name)[layer].double() for s in (stats, ref, ref64))
             tol = 2 * (want - exact).abs().max() + 4 * EPS32 * want.abs().max()
@@ -94,4 +97,5 @@ def test_smollm2_4k_tokens_every_backend_matches_reference(smollm2):
     assert ref.tokens == 4096
     for backend in ops.available_backends("cpu"):
         if backend != "torch":
-            _assert_matches(_calibrate(model, tokenizer, "stdlib", backend, **kw), ref, ref64, backend)
+            stats = _calibrate(model, tokenizer, "stdlib", backend, **kw)
+            _assert_matches(stats, ref, ref64, backend, nnz_slack=1e-3)
