@@ -33,29 +33,31 @@ class _LayerAccumulator:
         self.nnz.zero_()
 
 
-def _fused_gated_forward(mlp, layout, act, accum, backend):
-    gate, up, down = (getattr(mlp, n) for n in (*layout.rows, *layout.cols))
-
-    def forward(self, x):
-        h = ops.act_stats(gate(x), up(x), act, accum.acc, accum.nnz, backend=backend)
-        return down(h)
-
-    return forward
-
-
 class _StatsActivation(torch.nn.Module):
-    """Stands in for a non-gated MLP's activation: the fused op, or the original function + column stats."""
+    """The MLP activation with statistics: the fused op, or the model's own function + column stats.
+
+    forward(x, up=None) → act(x) * up (or act(x)), statistics of the result added to ``accum``.
+    """
 
     def __init__(self, original, act: str | None, accum: _LayerAccumulator, backend: str):
         super().__init__()
         self.original, self.act, self.accum, self.backend = original, act, accum, backend
 
-    def forward(self, x):
+    def forward(self, x, up=None):
         if self.act is not None:
-            return ops.act_stats(x, None, self.act, self.accum.acc, self.accum.nnz, backend=self.backend)
-        h = self.original(x)
+            return ops.act_stats(x, up, self.act, self.accum.acc, self.accum.nnz, backend=self.backend)
+        h = self.original(x) if up is None else self.original(x) * up
         ops.column_stats(h, self.accum.acc, self.accum.nnz, backend=self.backend)
         return h
+
+
+def _gated_forward(mlp, layout, stats_act: _StatsActivation):
+    gate, up, down = (getattr(mlp, n) for n in (*layout.rows, *layout.cols))
+
+    def forward(self, x):
+        return down(stats_act(gate(x), up(x)))
+
+    return forward
 
 
 @contextlib.contextmanager
@@ -66,13 +68,11 @@ def patched(model, accums: list[_LayerAccumulator], backend: str):
     owners = adapters.mlps(model)
     try:
         for mlp, accum in zip(owners, accums):
-            if layout.gated and act is not None:
-                mlp.forward = types.MethodType(_fused_gated_forward(mlp, layout, act, accum, backend), mlp)
-            elif layout.gated:
-                original = getattr(mlp, layout.act)
-                mlp.forward = types.MethodType(_gated_fallback_forward(mlp, layout, original, accum, backend), mlp)
+            stats_act = _StatsActivation(getattr(mlp, layout.act), act, accum, backend)
+            if layout.gated:
+                mlp.forward = types.MethodType(_gated_forward(mlp, layout, stats_act), mlp)
             else:
-                setattr(mlp, layout.act, _StatsActivation(getattr(mlp, layout.act), act, accum, backend))
+                setattr(mlp, layout.act, stats_act)
         yield
     finally:
         for mlp in owners:
@@ -80,17 +80,6 @@ def patched(model, accums: list[_LayerAccumulator], backend: str):
             wrapped = mlp._modules.get(layout.act)
             if isinstance(wrapped, _StatsActivation):
                 setattr(mlp, layout.act, wrapped.original)
-
-
-def _gated_fallback_forward(mlp, layout, act_fn, accum, backend):
-    gate, up, down = (getattr(mlp, n) for n in (*layout.rows, *layout.cols))
-
-    def forward(self, x):
-        h = act_fn(gate(x)) * up(x)
-        ops.column_stats(h, accum.acc, accum.nnz, backend=backend)
-        return down(h)
-
-    return forward
 
 
 def _progress(total: int | None, enabled: bool):
