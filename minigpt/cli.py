@@ -63,6 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--vocab", action="store_true", help="also drop tokens unseen in the calibration corpus")
     pr.add_argument("--vocab-min-count", type=int, default=1, help="keep tokens seen at least this often")
     pr.add_argument("--vocab-keep", nargs="+", default=(), help="tokens always kept")
+    pr.add_argument("--vocab-min-size", type=int, default=0, help="keep at least this many tokens (most frequent)")
     pr.add_argument("--vocab-pad-to", type=int, default=1, help="round the kept vocabulary up to a multiple (64)")
     pr.add_argument("--out", required=True, help="new directory for the pruned model")
     pr.add_argument("--no-eval", action="store_true", help="skip the before/after perplexity")
@@ -179,7 +180,7 @@ def cmd_prune(args) -> None:
     if args.vocab:
         tokenizer, kept_ids, vocab_report = prune_vocabulary(
             model, tokenizer, stats.token_counts, min_count=args.vocab_min_count, always_keep=args.vocab_keep,
-            pad_to=args.vocab_pad_to)
+            pad_to=args.vocab_pad_to, min_size=args.vocab_min_size)
         plan.vocab = kept_ids.tolist()
     if args.no_eval:
         after = {"params": parameter_counts(model)}

@@ -42,14 +42,18 @@ def prune(
     return compact(model, pruning_plan, backend=backend), pruning_plan
 
 
-def prune_vocabulary(model, tokenizer, token_counts, *, min_count: int = 1, always_keep=(), pad_to: int = 1):
+def prune_vocabulary(model, tokenizer, token_counts, *, min_count: int = 1, always_keep=(), pad_to: int = 1,
+                     min_size: int = 0):
     """Drop tokens seen fewer than ``min_count`` times (keeping specials, bytes and merge-closure), in place.
+
+    ``min_size`` keeps at least that many tokens (the most frequent of the rest are added back).
 
     Returns ``(new_tokenizer, kept_ids, report)``; ``kept_ids`` are the old ids in their new order.
     """
     from minigpt import vocab
 
-    keep = vocab.plan_vocab(tokenizer, token_counts, min_count=min_count, always_keep=always_keep, pad_to=pad_to)
+    keep = vocab.plan_vocab(tokenizer, token_counts, min_count=min_count, always_keep=always_keep, pad_to=pad_to,
+                            min_size=min_size)
     report = vocab.vocab_report(model, keep)
     new_tokenizer = vocab.prune_tokenizer(tokenizer, keep)
     vocab.shrink_vocab(model, keep)

@@ -137,3 +137,12 @@ def test_prune_with_vocab_saves_a_stock_loadable_smaller_vocabulary(model_dir, c
     assert model.get_input_embeddings().weight.shape[0] == kept == len(tokenizer)
     text = "def g(y):\n    return [y, 'ünïcode ✓']\n"
     assert tokenizer.decode(tokenizer(text)["input_ids"]) == text
+
+
+def test_vocab_min_size_keeps_the_most_frequent_tokens_back(model_dir, corpus_dir, tmp_path, capsys):
+    out = tmp_path / "pruned-vocab-min"
+    code, _, _ = _run(capsys, "prune", "--model", model_dir, "--data", corpus_dir, *CAL, "--ratio", "0.25",
+                      "--vocab", "--vocab-min-size", "480", "--vocab-pad-to", "8", "--out", out, "--no-eval")
+    assert code == 0
+    report = json.loads((out / "minigpt_report.json").read_text())
+    assert 480 <= report["vocab"]["vocab_kept"] < 512 and report["vocab"]["vocab_kept"] % 8 == 0
