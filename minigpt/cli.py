@@ -11,6 +11,7 @@ from pathlib import Path
 
 from minigpt.data import resolve_files
 from minigpt.errors import MiniGPTError
+from minigpt.importance import METRICS
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 
@@ -53,7 +54,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_calibration_args(pr)
     pr.add_argument("--stats", help="statistics from `minigpt calibrate` (instead of calibrating now)")
     pr.add_argument("--plan", help="a saved plan JSON to apply as is")
-    pr.add_argument("--metric", default="l1", help="l1 (mean |a|, default), l2, max, freq")
+    pr.add_argument("--metric", default="l1", choices=METRICS, help="importance metric (README: Metrics and policies)")
+    pr.add_argument("--reverse", action="store_true", help="remove the highest-scoring neurons (reverse pruning)")
+    pr.add_argument("--seed", type=int, default=0, help="generator seed of --metric random")
+    pr.add_argument("--reference-stats", help="statistics of a reference corpus (--metric selectivity)")
+    pr.add_argument("--reference-data", nargs="+", help="reference corpus to calibrate on (--metric selectivity)")
     policy = pr.add_mutually_exclusive_group()
     policy.add_argument("--threshold", type=float, help="drop neurons whose normalised score is below this")
     policy.add_argument("--ratio", type=float, help="fraction of MLP neurons to remove (default 0.2)")
@@ -174,6 +179,8 @@ def cmd_prune(args) -> None:
     model, plan = prune(
         model, tokenizer, stats=stats, pruning_plan=given_plan, data=args.data, metric=args.metric,
         threshold=args.threshold, ratio=ratio, scope=args.scope, multiple=args.multiple, min_keep=args.min_keep,
+        reverse=args.reverse, seed=args.seed, reference_data=args.reference_data,
+        reference=CalibrationStats.load(args.reference_stats) if args.reference_stats else None,
         backend=args.backend, calibration=_calibration_kwargs(args),
     )
     vocab_report = None

@@ -5,6 +5,7 @@ from __future__ import annotations
 from minigpt.calibration import calibrate
 from minigpt.compact import compact
 from minigpt.errors import MiniGPTError
+from minigpt.importance import NEEDS_STATS
 from minigpt.planning import PruningPlan, plan
 from minigpt.stats import CalibrationStats, check_fingerprint, fingerprint
 
@@ -22,24 +23,40 @@ def prune(
     scope: str = "uniform",
     multiple: int = 1,
     min_keep: float = 0.0,
+    reverse: bool = False,
+    reference: CalibrationStats | None = None,
+    reference_data=None,
+    seed: int = 0,
     backend: str = "auto",
     calibration: dict | None = None,
 ) -> tuple[object, PruningPlan]:
     """Prune ``model``'s MLP neurons in place; returns ``(model, plan)``.
 
     Give a ready ``pruning_plan``, or ``stats`` (checked against the model), or ``data`` to calibrate on
-    (``calibration`` holds ``calibrate`` keyword arguments). ``ratio=0.2`` removes 20 % of every layer's neurons.
+    (``calibration`` holds ``calibrate`` keyword arguments); weight-only metrics and ``random`` need neither.
+    ``selectivity`` also needs ``reference`` statistics or ``reference_data`` to calibrate them on.
+    ``ratio=0.2`` removes 20 % of every layer's neurons; ``reverse`` removes the highest-scoring ones.
     """
     if pruning_plan is None:
-        if stats is None:
-            if tokenizer is None:
-                raise MiniGPTError("calibrating needs the tokenizer")
-            stats = calibrate(model, tokenizer, data, backend=backend, **(calibration or {}))
-        else:
-            check_fingerprint(stats.fingerprint, fingerprint(model, tokenizer))
+        if metric == "selectivity" and reference is None:
+            if reference_data is None:
+                raise MiniGPTError("metric selectivity needs reference statistics or reference data")
+            reference = _stats(model, tokenizer, None, reference_data, backend, calibration)
+        if metric in NEEDS_STATS:
+            stats = _stats(model, tokenizer, stats, data, backend, calibration)
         pruning_plan = plan(stats, metric, threshold=threshold, ratio=ratio, scope=scope, multiple=multiple,
-                            min_keep=min_keep)
+                            min_keep=min_keep, reverse=reverse, model=model, reference=reference, seed=seed)
     return compact(model, pruning_plan, backend=backend), pruning_plan
+
+
+def _stats(model, tokenizer, stats, data, backend, calibration) -> CalibrationStats:
+    """``stats`` checked against the model, or a fresh calibration on ``data``."""
+    if stats is not None:
+        check_fingerprint(stats.fingerprint, fingerprint(model, tokenizer))
+        return stats
+    if tokenizer is None:
+        raise MiniGPTError("calibrating needs the tokenizer")
+    return calibrate(model, tokenizer, data, backend=backend, **(calibration or {}))
 
 
 def prune_vocabulary(model, tokenizer, token_counts, *, min_count: int = 1, always_keep=(), pad_to: int = 1,

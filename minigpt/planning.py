@@ -4,8 +4,9 @@ Normalised mean L1 (the paper's threshold). For layer ``l`` and neuron ``j`` wit
 ``T`` calibration tokens, ``m_j = Σ|a_j| / T`` (mean |activation|) and the normalised score is
 ``s_j = m_j / max_k m_k`` (the layer's most active neuron scores 1). ``--threshold ε`` removes neurons with
 ``s_j < ε``: ε = 1e-3 (the paper's mild setting) removes neurons under 0.1 % of the layer's strongest mean
-activation, ε = 1e-1 (aggressive) those under 10 %. Every metric is normalised the same way, so a global
-ratio ranks neurons of all layers on one scale.
+activation, ε = 1e-1 (aggressive) those under 10 %. Every metric (``minigpt.importance``) is normalised the same way, so a
+global ratio ranks neurons of all layers on one scale. ``reverse`` removes the *highest*-scoring fraction instead
+(the reverse-pruning experiment).
 """
 
 from __future__ import annotations
@@ -17,24 +18,10 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
+from minigpt import importance
 from minigpt.errors import MiniGPTError
 from minigpt.stats import CalibrationStats
-
-METRICS = ("l1", "l2", "max", "freq")
-
-
-def scores(stats: CalibrationStats, metric: str = "l1") -> list[torch.Tensor]:
-    """Raw per-neuron importance of every layer (float64): mean |a|, RMS, max |a| or firing rate."""
-    if metric == "l1":
-        return stats.mean("sum_abs")
-    if metric == "l2":
-        return [t.sqrt() for t in stats.mean("sum_sq")]
-    if metric == "max":
-        return [t.double() for t in stats.max_abs]
-    if metric == "freq":
-        return stats.mean("nonzero")
-    raise MiniGPTError(f"unknown metric {metric!r}; expected one of {', '.join(METRICS)}")
-
+from minigpt.stats import fingerprint as model_fingerprint
 
 def normalise(layer_scores: list[torch.Tensor]) -> list[torch.Tensor]:
     """Divide each layer's scores by its maximum (an all-zero layer stays zero)."""
@@ -104,6 +91,7 @@ def plan_from_scores(
     scope: str = "uniform",
     multiple: int = 1,
     min_keep: float = 0.0,
+    reverse: bool = False,
     fingerprint: dict | None = None,
     policy: dict | None = None,
 ) -> PruningPlan:
@@ -112,9 +100,12 @@ def plan_from_scores(
     scope: ``uniform`` (ratio applied to every layer) or ``global`` (one ranking across layers).
     multiple: kept widths rounded *up* to a multiple (e.g. 64/128 for tensor cores), never above the width.
     min_keep: floor as a fraction of each layer's width; at least one neuron (one ``multiple``) always stays.
+    reverse: with ``ratio``, remove the highest-scoring neurons first.
     """
     if (threshold is None) == (ratio is None):
         raise MiniGPTError("give exactly one of threshold or ratio")
+    if reverse and ratio is None:
+        raise MiniGPTError("reverse pruning takes a ratio, not a threshold")
     if threshold is not None and not (0.0 <= threshold <= 1.0):
         raise MiniGPTError(f"threshold must be in [0, 1] (normalised scores), got {threshold}")
     if ratio is not None and not (0.0 <= ratio < 1.0):
@@ -123,7 +114,7 @@ def plan_from_scores(
         raise MiniGPTError(f"scope must be 'uniform' or 'global', got {scope!r}")
     if multiple < 1 or not (0.0 <= min_keep <= 1.0):
         raise MiniGPTError(f"multiple must be ≥ 1 and min_keep in [0, 1] (got {multiple}, {min_keep})")
-    norm = normalise(layer_scores)
+    norm = [-s if reverse else s for s in normalise(layer_scores)]
     widths = [s.numel() for s in norm]
     if threshold is not None:
         counts = [int((s >= threshold).sum()) for s in norm]
@@ -141,7 +132,7 @@ def plan_from_scores(
 
 
 def plan(
-    stats: CalibrationStats,
+    stats: CalibrationStats | None,
     metric: str = "l1",
     *,
     threshold: float | None = None,
@@ -149,9 +140,22 @@ def plan(
     scope: str = "uniform",
     multiple: int = 1,
     min_keep: float = 0.0,
+    reverse: bool = False,
+    model=None,
+    reference: CalibrationStats | None = None,
+    seed: int = 0,
 ) -> PruningPlan:
-    """Pruning plan from calibration statistics (see the module docstring for the normalisation)."""
+    """Pruning plan by ``metric`` (``minigpt.importance``) from ``stats``, the ``model``'s weights or both.
+
+    ``reference``: statistics of another corpus (``selectivity``); ``seed``: the ``random`` baseline's generator.
+    """
+    layer_scores = importance.scores(metric, stats=stats, model=model, reference=reference, seed=seed)
     policy = {"metric": metric, "threshold": threshold, "ratio": ratio, "scope": scope, "multiple": multiple,
-              "min_keep": min_keep, "tokens": stats.tokens}
-    return plan_from_scores(scores(stats, metric), threshold=threshold, ratio=ratio, scope=scope,
-                            multiple=multiple, min_keep=min_keep, fingerprint=stats.fingerprint, policy=policy)
+              "min_keep": min_keep, "reverse": reverse, "tokens": stats.tokens if stats is not None else 0}
+    if metric == "random":
+        policy["seed"] = seed
+    if reference is not None and metric == "selectivity":
+        policy["reference_tokens"] = reference.tokens
+    fp = stats.fingerprint if stats is not None else model_fingerprint(model)
+    return plan_from_scores(layer_scores, threshold=threshold, ratio=ratio, scope=scope, multiple=multiple,
+                            min_keep=min_keep, reverse=reverse, fingerprint=fp, policy=policy)
