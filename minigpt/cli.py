@@ -84,6 +84,9 @@ def build_parser() -> argparse.ArgumentParser:
     from minigpt import bench
 
     bench.add_parser(sub)
+    from minigpt import finetune
+
+    finetune.add_parser(sub)
     return parser
 
 

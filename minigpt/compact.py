@@ -51,7 +51,7 @@ def save_pruned(model, tokenizer, out: str | os.PathLike, plan: PruningPlan | No
     with atomic_dir(out) as tmp:
         save_model(model, tokenizer, tmp)
         if nonuniform:
-            base = type(model).__name__
+            base = next(c.__name__ for c in type(model).__mro__ if c.__name__ != "MiniGPTForCausalLM")  # reloaded
             code = REMOTE_CODE.read_text().replace('BASE_CLASS = "LlamaForCausalLM"', f'BASE_CLASS = "{base}"')
             (tmp / REMOTE_CODE.name).write_text(code)
         if plan is not None:

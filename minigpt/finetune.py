@@ -1,0 +1,281 @@
+"""Recovery fine-tuning: full fine-tuning of a (pruned) model on its domain with ``transformers.Trainer``.
+
+Training sequences stream from the domain corpus (``data.Batches``, packed, no padding), cycled over a
+fine-tuning set of ``train_tokens`` (default: the whole corpus). Every ``eval_every`` optimiser steps the held-out
+perplexity (``evaluation.perplexity``) is measured; training stops when it is at or below ``target``, when it
+over-fits (held-out perplexity rose at each of the last ``patience`` evaluations while the mean training loss
+fell), or after ``max_steps``. On over-fitting the weights of the best evaluation are restored.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import math
+import tempfile
+import time
+
+import torch
+
+from minigpt.data import Batches, resolve_files
+from minigpt.errors import MiniGPTError
+from minigpt.evaluation import perplexity
+
+log = logging.getLogger("minigpt")
+
+
+class TokenStream(torch.utils.data.IterableDataset):
+    """Endless packed training sequences ``{"input_ids": (S,), "labels": (S,)}``, restarting at each pass.
+
+    ``pass_tokens``: tokens in one pass over the fine-tuning set, known once a pass has completed.
+    """
+
+    def __init__(self, tokenizer, files, seq_len: int, max_tokens: int | None, seed: int = 0):
+        self.batches = Batches(tokenizer, files, seq_len=seq_len, batch_size=1, max_tokens=max_tokens, seed=seed)
+        self.pass_tokens = None if max_tokens is None else self.batches.max_sequences * seq_len
+
+    def __iter__(self):
+        while True:
+            n = 0
+            for seq in self.batches.sequences():
+                n += 1
+                ids = torch.tensor(seq, dtype=torch.long)
+                yield {"input_ids": ids, "labels": ids}
+            self.pass_tokens = n * self.batches.seq_len
+
+
+def overfitting(history: list[dict], patience: int) -> bool:
+    """True when each of the last ``patience`` evaluations raised perplexity while the training loss fell."""
+    trained = [h for h in history if h.get("train_loss") is not None]
+    if patience < 1 or len(trained) < patience + 1:
+        return False
+    tail = trained[-(patience + 1):]
+    return all(b["perplexity"] > a["perplexity"] and b["train_loss"] < a["train_loss"] for a, b in itertools.pairwise(tail))
+
+
+def _recovery_callback(evaluate, target, eval_every, patience, tokens_per_step, history, best, progress):
+    """A ``TrainerCallback`` that evaluates on a schedule and stops on target, over-fitting (see module doc)."""
+    from tqdm.auto import tqdm
+    from transformers import TrainerCallback
+
+    class Recovery(TrainerCallback):
+        def __init__(self):
+            self.losses: list[float] = []  # training losses since the last evaluation
+            self.bar = None
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            self.bar = tqdm(total=state.max_steps, unit="step", desc="fine-tuning", disable=not progress)
+
+        def on_train_end(self, args, state, control, **kwargs):
+            self.bar.close()
+
+        def on_log(self, args, state, control, logs=None, model=None, **kwargs):
+            if logs is None or "loss" not in logs:
+                return control
+            self.losses.append(float(logs["loss"]))
+            self.bar.update(state.global_step - self.bar.n)
+            self.bar.set_postfix(loss=f"{self.losses[-1]:.3f}", ppl=f"{history[-1]['perplexity']:.2f}")
+            if state.global_step % eval_every and state.global_step < state.max_steps:
+                return control
+            entry = {"step": state.global_step, "tokens": state.global_step * tokens_per_step,
+                     "train_loss": sum(self.losses) / len(self.losses), **evaluate(model)}
+            self.losses.clear()
+            history.append(entry)
+            log.info("step %d: held-out perplexity %.3f, train loss %.4f", entry["step"], entry["perplexity"],
+                     entry["train_loss"])
+            if entry["perplexity"] < best.get("perplexity", math.inf):
+                best.update(entry, state={k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()})
+            if target is not None and entry["perplexity"] <= target:
+                control.should_training_stop = True
+                entry["stop"] = "target"
+            elif overfitting(history, patience):
+                control.should_training_stop = True
+                entry["stop"] = "overfitting"
+            return control
+
+    return Recovery()
+
+
+def finetune(
+    model,
+    tokenizer,
+    data="stdlib",
+    eval_data=None,
+    *,
+    target: float | None = None,
+    max_steps: int = 200,
+    eval_every: int = 10,
+    seq_len: int = 256,
+    batch_size: int = 4,
+    grad_accum: int = 1,
+    train_tokens: int | None = None,
+    learning_rate: float = 5e-5,
+    warmup_steps: int = 5,
+    weight_decay: float = 0.0,
+    eval_tokens: int = 4096,
+    eval_seq_len: int = 512,
+    patience: int = 2,
+    bf16: bool | None = None,
+    gradient_checkpointing: bool = False,
+    seed: int = 0,
+    progress: bool = True,
+) -> dict:
+    """Fine-tune ``model`` (all parameters, in place) on ``data`` until held-out perplexity reaches ``target``.
+
+    ``eval_data``: held-out corpus (default ``<data>-heldout`` for a built-in corpus name). ``bf16``: mixed
+    precision (default: on CUDA). Returns a report: ``recovered``, ``stop`` (target / overfitting / max_steps),
+    ``steps``, ``tokens``, ``epochs`` (passes over the fine-tuning set), the evaluation ``history`` and ``best``.
+    """
+    from transformers import Trainer, TrainingArguments, default_data_collator
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
+    if max_steps < 1 or eval_every < 1:
+        raise MiniGPTError(f"max_steps and eval_every must be ≥ 1 (got {max_steps}, {eval_every})")
+    files = resolve_files(data)
+    if eval_data is None:
+        name = data if isinstance(data, str) else None
+        eval_data = f"{name}-heldout" if name and "/" not in name and not name.endswith("-heldout") else None
+        if eval_data is None:
+            raise MiniGPTError("give eval_data: held-out text to measure recovery on")
+    cuda = model.get_input_embeddings().weight.device.type == "cuda"
+    bf16 = cuda if bf16 is None else bf16
+
+    def evaluate(m) -> dict:
+        was_training = m.training
+        m.eval()
+        r = perplexity(m, tokenizer, eval_data, seq_len=eval_seq_len, max_tokens=eval_tokens)
+        m.train(was_training)
+        return {"perplexity": r["perplexity"], "bits_per_byte": r["bits_per_byte"]}
+
+    tokens_per_step = batch_size * grad_accum * seq_len
+    history: list[dict] = [{"step": 0, "tokens": 0, "train_loss": None, **evaluate(model)}]
+    best: dict = {}
+    start = time.perf_counter()
+    stream = TokenStream(tokenizer, files, seq_len, train_tokens, seed)
+    if target is None or history[0]["perplexity"] > target:
+        with tempfile.TemporaryDirectory(prefix="minigpt-finetune-") as tmp:
+            args = TrainingArguments(
+                output_dir=tmp, per_device_train_batch_size=batch_size, gradient_accumulation_steps=grad_accum,
+                max_steps=max_steps, learning_rate=learning_rate, lr_scheduler_type="constant_with_warmup",
+                warmup_steps=warmup_steps, weight_decay=weight_decay, logging_steps=1, save_strategy="no",
+                eval_strategy="no", report_to="none", bf16=bf16, use_cpu=not cuda, seed=seed,
+                activation_checkpointing=gradient_checkpointing, disable_tqdm=True,
+                dataloader_num_workers=0, remove_unused_columns=False,
+            )
+            callback = _recovery_callback(evaluate, target, eval_every, patience, tokens_per_step, history, best,
+                                          progress)
+            trainer = Trainer(model=model, args=args, train_dataset=stream, data_collator=default_data_collator,
+                              callbacks=[callback])
+            for printer in (PrinterCallback, ProgressCallback):  # our callback shows progress, not every log
+                trainer.remove_callback(printer)
+            trainer.train()
+        if history[-1].get("stop") == "overfitting":
+            model.load_state_dict(best["state"])
+        if gradient_checkpointing:
+            model.gradient_checkpointing_disable()
+    model.eval()
+    last = history[-1]
+    final = best if last.get("stop") == "overfitting" else last
+    steps = last["step"]
+    return {
+        "recovered": target is not None and final["perplexity"] <= target,
+        "stop": last.get("stop", "target" if steps == 0 and target is not None else "max_steps"),
+        "target": target,
+        "steps": steps,
+        "tokens": steps * tokens_per_step,
+        "epochs": steps * tokens_per_step / stream.pass_tokens if stream.pass_tokens else None,
+        "train_set_tokens": stream.pass_tokens,
+        "perplexity_before": history[0]["perplexity"],
+        "perplexity_after": final["perplexity"],
+        "bits_per_byte_after": final["bits_per_byte"],
+        "seconds": round(time.perf_counter() - start, 1),
+        "history": history,
+        "settings": {"seq_len": seq_len, "batch_size": batch_size, "grad_accum": grad_accum,
+                     "learning_rate": learning_rate, "max_steps": max_steps, "eval_every": eval_every,
+                     "eval_tokens": eval_tokens, "train_tokens": train_tokens, "bf16": bf16},
+    }
+
+
+def add_parser(subparsers):
+    """Add the ``finetune`` subcommand (handler: ``run``) to ``subparsers``."""
+    from minigpt.cli import _add_model_args
+
+    p = subparsers.add_parser("finetune", help="recovery fine-tuning of a pruned model on its domain",
+                              description=__doc__)
+    _add_model_args(p)
+    p.add_argument("--data", nargs="+", default=["stdlib"], help="domain corpus to train on (default stdlib)")
+    p.add_argument("--eval-data", nargs="+", help="held-out corpus (default: <data>-heldout)")
+    p.add_argument("--out", required=True, help="new directory for the fine-tuned model")
+    target = p.add_mutually_exclusive_group()
+    target.add_argument("--target", type=float, help="stop at this held-out perplexity")
+    target.add_argument("--target-model", help="stop at this model's held-out perplexity "
+                        "(default: the source recorded in the pruned model's minigpt_report.json)")
+    p.add_argument("--max-steps", type=int, default=200)
+    p.add_argument("--eval-every", type=int, default=10, help="optimiser steps between evaluations")
+    p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--grad-accum", type=int, default=1)
+    p.add_argument("--lr", type=float, default=5e-5)
+    p.add_argument("--train-tokens", type=int, help="size of the fine-tuning set, cycled (default: whole corpus)")
+    p.add_argument("--eval-tokens", type=int, default=4096)
+    p.add_argument("--eval-seq-len", type=int, default=512)
+    p.add_argument("--patience", type=int, default=2, help="rising evaluations that mean over-fitting")
+    p.add_argument("--gradient-checkpointing", action="store_true")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=run)
+    return p
+
+
+def _target_model(args) -> str | None:
+    """``--target-model``, else the source of a pruned model's report (None when there is neither)."""
+    import json
+    from pathlib import Path
+
+    if args.target_model or args.target is not None or not args.model:
+        return args.target_model
+    report = Path(args.model) / "minigpt_report.json"
+    return json.loads(report.read_text()).get("source") if report.exists() else None
+
+
+def run(args) -> None:
+    """The ``finetune`` subcommand: measure the target, fine-tune, save the model with its report."""
+    import json
+    from pathlib import Path
+
+    from minigpt.cli import _check_out, _device_dtype
+    from minigpt.compact import save_pruned
+    from minigpt.io import load_model
+    from minigpt.planning import PruningPlan
+
+    out = Path(args.out)
+    _check_out(out, args.model)
+    data, eval_data = args.data, args.eval_data or [f"{d}-heldout" for d in args.data]
+    resolve_files(data)
+    resolve_files(eval_data)
+    device, _ = _device_dtype(args)
+    dtype = getattr(torch, args.dtype) if args.dtype != "auto" else torch.float32  # bf16 = mixed precision
+    ppl = {"seq_len": args.eval_seq_len, "max_tokens": args.eval_tokens}
+    target, source = args.target, _target_model(args)
+    if source is not None:
+        reference, ref_tok = load_model(source, dtype=dtype, device=device)
+        target = perplexity(reference, ref_tok, eval_data, **ppl)["perplexity"]
+        del reference
+    model, tokenizer = load_model(args.model, dtype=dtype, device=device)
+    report = finetune(model, tokenizer, data, eval_data, target=target, max_steps=args.max_steps,
+                      eval_every=args.eval_every, seq_len=args.seq_len, batch_size=args.batch_size,
+                      grad_accum=args.grad_accum, train_tokens=args.train_tokens, learning_rate=args.lr,
+                      eval_tokens=args.eval_tokens, eval_seq_len=args.eval_seq_len, patience=args.patience,
+                      gradient_checkpointing=args.gradient_checkpointing, progress=not args.no_progress)
+    report["target_model"] = str(source) if source else None
+    src = Path(args.model or "")
+    plan = PruningPlan.load(src / "minigpt_plan.json") if (src / "minigpt_plan.json").exists() else None
+    pruned = json.loads((src / "minigpt_report.json").read_text()) if (src / "minigpt_report.json").exists() else {}
+    save_pruned(model, tokenizer, out, plan=plan, source=args.model, report={**pruned, "finetune": report})
+    if args.json:
+        print(json.dumps(report, indent=1))
+        return
+    target_text = f"{target:.3f}" if target is not None else "none"
+    print(f"perplexity {report['perplexity_before']:.3f} → {report['perplexity_after']:.3f} (target {target_text}); "
+          f"stopped on {report['stop']} after {report['steps']} steps, {report['tokens']:,} tokens"
+          + (f", {report['epochs']:.2f} epochs" if report["epochs"] is not None else "") + f"; saved to {out}")

@@ -1,0 +1,105 @@
+"""Recovery fine-tuning on tiny models: loss falls, target and over-fitting stops, per-layer widths, the CLI."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import tiny_model
+
+import minigpt
+from minigpt import adapters
+from minigpt.cli import main
+from minigpt.evaluation import perplexity
+from minigpt.finetune import finetune, overfitting
+
+SMALL = {"seq_len": 64, "batch_size": 4, "eval_tokens": 512, "eval_seq_len": 128, "progress": False}
+
+
+@pytest.fixture(scope="module")
+def split(corpus_dir):
+    train = [str(corpus_dir / f) for f in ("heapq.py.txt", "bisect.py.txt", "textwrap.py.txt")]
+    return train, [str(corpus_dir / "glob.py.txt")]
+
+
+def test_finetune_lowers_training_loss_and_heldout_perplexity(tiny_tokenizer, split):
+    model = tiny_model("llama")
+    report = finetune(model, tiny_tokenizer, *split, max_steps=12, eval_every=4, learning_rate=3e-3,
+                      train_tokens=1024, **SMALL)
+    ppl = [h["perplexity"] for h in report["history"]]
+    losses = [h["train_loss"] for h in report["history"][1:]]
+    assert report["stop"] == "max_steps" and report["steps"] == 12 and len(ppl) == 4
+    assert losses[-1] < losses[0] and ppl[-1] < 0.8 * ppl[0], report["history"]
+    assert report["tokens"] == 12 * 4 * 64 and report["epochs"] == pytest.approx(12 * 256 / 1024)
+    assert not model.training
+    again = perplexity(model, tiny_tokenizer, split[1], seq_len=128, max_tokens=512)["perplexity"]
+    assert again == pytest.approx(report["perplexity_after"], rel=1e-5)
+
+
+def test_stops_at_target(tiny_tokenizer, split):
+    base = perplexity(tiny_model("llama"), tiny_tokenizer, split[1], seq_len=128, max_tokens=512)["perplexity"]
+    report = finetune(tiny_model("llama"), tiny_tokenizer, *split, target=0.95 * base, max_steps=40, eval_every=2,
+                      learning_rate=3e-3, **SMALL)
+    assert report["recovered"] and report["stop"] == "target" and report["steps"] < 40
+    assert report["perplexity_after"] <= 0.95 * base < report["history"][-2]["perplexity"]
+    assert report["epochs"] is None  # the whole corpus was not gone through once
+    untouched = finetune(tiny_model("llama"), tiny_tokenizer, *split, target=2 * base, **SMALL)
+    assert untouched["steps"] == 0 and untouched["recovered"]
+
+
+def test_overfitting_rule():
+    h = lambda p, loss: {"perplexity": p, "train_loss": loss}
+    start = {"perplexity": 9.0, "train_loss": None}
+    assert overfitting([start, h(5, 3.0), h(6, 2.0), h(7, 1.0)], patience=2)
+    assert not overfitting([start, h(5, 3.0), h(6, 2.0), h(7, 1.0)], patience=3)
+    assert not overfitting([start, h(5, 3.0), h(6, 2.0), h(5.5, 1.0)], patience=2)  # perplexity fell again
+    assert not overfitting([start, h(5, 3.0), h(6, 3.5), h(7, 4.0)], patience=2)  # training loss rose too
+
+
+def test_overfitting_stops_and_restores_best(tiny_tokenizer, split):
+    model = tiny_model("llama")
+    report = finetune(model, tiny_tokenizer, split[0][:1], split[1], max_steps=60, eval_every=3,
+                      learning_rate=1e-2, train_tokens=128, **{**SMALL, "batch_size": 2})
+    ppl = [h["perplexity"] for h in report["history"]]
+    assert report["stop"] == "overfitting" and report["steps"] < 60 and report["epochs"] > 5
+    assert ppl[-1] > ppl[-2] > ppl[-3] and report["perplexity_after"] == min(ppl)
+    again = perplexity(model, tiny_tokenizer, split[1], seq_len=128, max_tokens=512)["perplexity"]
+    assert again == pytest.approx(min(ppl), rel=1e-5)  # the best weights are back
+
+
+def test_per_layer_widths_train(tiny_tokenizer, split):
+    model = tiny_model("llama")
+    plan = minigpt.PruningPlan(kept=[list(range(40)), list(range(0, 48, 3))], widths=[48, 48],
+                               fingerprint={}, policy={})
+    model, _ = minigpt.prune(model, tiny_tokenizer, pruning_plan=plan)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    report = finetune(model, tiny_tokenizer, *split, max_steps=6, eval_every=3, learning_rate=3e-3, **SMALL)
+    assert adapters.widths(model) == [40, 16]
+    assert report["history"][-1]["perplexity"] < report["history"][0]["perplexity"]
+    assert all(not torch.equal(before[n], p) for n, p in model.named_parameters() if "mlp" in n)
+
+
+def test_cli_finetune_reaches_source_perplexity(tiny_tokenizer, corpus_dir, tmp_path, capsys):
+    src, pruned, tuned = tmp_path / "tiny", tmp_path / "pruned", tmp_path / "tuned"
+    data = [str(corpus_dir / f) for f in ("heapq.py.txt", "bisect.py.txt", "textwrap.py.txt")]
+    heldout = str(corpus_dir / "glob.py.txt")
+    source = tiny_model("llama")
+    finetune(source, tiny_tokenizer, data, heldout, max_steps=10, learning_rate=3e-3, **SMALL)  # a model to damage
+    source.save_pretrained(src)
+    tiny_tokenizer.save_pretrained(src)
+    assert main(["prune", "--model", str(src), "--metric", "maw", "--threshold", "0.9", "--out", str(pruned),
+                 "--eval-data", heldout, "--eval-tokens", "512", "--eval-seq-len", "128", "--no-progress"]) == 0
+    assert len(set(json.loads((pruned / "minigpt_plan.json").read_text())["kept_widths"])) == 2  # per-layer widths
+    capsys.readouterr()
+    code = main(["finetune", "--model", str(pruned), "--data", *data, "--eval-data", heldout, "--out", str(tuned),
+                 "--max-steps", "40", "--eval-every", "2", "--seq-len", "64", "--lr", "3e-3", "--eval-tokens", "512",
+                 "--eval-seq-len", "128", "--no-progress", "--json"])
+    report = json.loads(capsys.readouterr().out)
+    assert code == 0 and report["recovered"] and report["target_model"] == str(src)
+    assert report["perplexity_after"] <= report["target"] < report["perplexity_before"]
+    saved = json.loads((tuned / "minigpt_report.json").read_text())
+    assert saved["finetune"]["steps"] == report["steps"] and saved["source"] == str(src)
+    reloaded, tok = minigpt.load_model(tuned)
+    again = perplexity(reloaded, tok, heldout, seq_len=128, max_tokens=512)["perplexity"]
+    assert again == pytest.approx(report["perplexity_after"], rel=1e-4)
