@@ -23,6 +23,7 @@ from minigpt.errors import MiniGPTError
 from minigpt.stats import CalibrationStats
 from minigpt.stats import fingerprint as model_fingerprint
 
+
 def normalise(layer_scores: list[torch.Tensor]) -> list[torch.Tensor]:
     """Divide each layer's scores by its maximum (an all-zero layer stays zero)."""
     return [s / s.max().clamp_min(torch.finfo(s.dtype).tiny) for s in layer_scores]

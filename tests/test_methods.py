@@ -102,7 +102,7 @@ def test_l1_pruning_perturbs_less_than_reverse_and_random(corpus_dir, tiny_token
 def test_pipeline_selectivity_calibrates_reference_and_maw_needs_no_data(corpus_dir, tiny_tokenizer):
     model, plan = minigpt.prune(tiny_model("llama"), tiny_tokenizer, data=[str(corpus_dir / "heapq.py.txt")],
                                 reference_data=[str(corpus_dir / "textwrap.py.txt")], metric="selectivity",
-                                ratio=0.25, calibration=dict(max_tokens=128, seq_len=32, progress=False))
+                                ratio=0.25, calibration={"max_tokens": 128, "seq_len": 32, "progress": False})
     assert plan.kept_widths == [36, 36] and plan.policy["reference_tokens"] == 128
     model, plan = minigpt.prune(tiny_model("llama"), metric="maw-minmax", ratio=0.5)
     assert adapters.widths(model) == [24, 24] and plan.policy["tokens"] == 0
