@@ -15,7 +15,7 @@ random-initialised Llama shapes), repetitions interleaved (the method order rota
 Peak memory: CUDA ``max_memory_allocated`` after ``reset_peak_memory_stats``, minus the allocation before the run.
 CPU: Linux's resident high-water mark, reset by writing 5 to ``/proc/self/clear_refs`` before the run and read from
 ``VmHWM`` in ``/proc/self/status`` after it, minus ``VmRSS`` before it: the kernel tracks it on every page fault,
-so no sampling can miss a short peak. Writes ``bench/results/calibration_<device>.{json,md}``.
+so no sampling can miss a short peak. Writes ``bench/results/calibration_<device>.{json,md,png}``.
 """
 
 from __future__ import annotations
@@ -37,6 +37,8 @@ from torch import nn
 from minigpt import adapters, ops
 from minigpt.calibration import run_batches
 from minigpt.stats import CalibrationStats, fingerprint
+
+from bench.plotting import bar_chart
 
 RESULTS = Path(__file__).resolve().parent / "results"
 LLAMA_SHAPES = {  # random-initialised configs: (hidden, layers, MLP width, heads, kv heads, vocab)
@@ -225,6 +227,12 @@ def main(argv: list[str] | None = None) -> None:
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / f"calibration_{args.device}.md").write_text(table + "\n")
     (RESULTS / f"calibration_{args.device}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
+    bar_chart(RESULTS / f"calibration_{args.device}.png", f"Calibration, {args.model} {dtype}, {meta['device_name']}",
+              "median over interleaved repetitions (whiskers: min-max)", {
+                  "tokens/s (wall)": [(r["method"], *(r["tokens_per_s"][k] for k in ("median", "min", "max")))
+                                      for r in rows],
+                  "process CPU seconds": [(r["method"], *(r["cpu_seconds"][k] for k in ("median", "min", "max")))
+                                          for r in rows]})
 
 
 if __name__ == "__main__":

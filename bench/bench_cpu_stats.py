@@ -1,8 +1,8 @@
 """CPU statistics: the eager PyTorch reference vs the C++ kernels of ``minigpt._C``, on the same inputs.
 
 * ``pytest bench/bench_cpu_stats.py``: pytest-benchmark, grouped per op (torch vs cpp side by side).
-* ``python bench/bench_cpu_stats.py``: medians, spread and speedups as a markdown table, written to
-  bench/results/cpu_stats.{json,md} with the machine, thread count and versions.
+* ``python -m bench.bench_cpu_stats``: medians, spread and speedups as a markdown table, written to
+  bench/results/cpu_stats.{json,md,png} with the machine, thread count and versions.
 
 Shape (4096, 1536) fp32: T tokens x N neurons of one calibration batch.
 """
@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from bench.plotting import bar_chart
 from minigpt import reference
 
 T, N = 4096, 1536
@@ -90,6 +91,9 @@ def main() -> None:
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "cpu_stats.md").write_text(table + "\n")
     (RESULTS / "cpu_stats.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
+    bar_chart(RESULTS / "cpu_stats.png", title, "ms per call (median, whiskers: quartiles)",
+              {op: [(r["backend"], r["median_ms"], r["q1_ms"], r["q3_ms"]) for r in rows if r["op"] == op]
+               for op in CASES})
 
 
 if __name__ == "__main__":

@@ -24,6 +24,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from bench.plotting import bar_chart
+
 RESULTS = Path(__file__).resolve().parent / "results"
 ACT_SHAPES = [(8192, 1536), (8192, 8192), (16384, 14336)]  # (tokens, MLP width): SmolLM2-135M, 2B-ish, 8B-ish
 GATHER_MODELS = {  # name: (layers, hidden, intermediate, kept neurons)
@@ -187,8 +189,14 @@ def main(argv: list[str] | None = None) -> int:
     stem.with_suffix(".json").write_text(json.dumps({**meta, "results": rows}, indent=2) + "\n")
     table = markdown(meta, rows)
     stem.with_suffix(".md").write_text(table)
+    panels: dict[str, list] = {}
+    for r in rows:  # GB/s at the median time; whiskers at the 80% and 20% quantile times
+        scale = r["GB/s"] * r["ms"]
+        panels.setdefault(f"{r['bench']}: {r['case']}", []).append(
+            (r["impl"], r["GB/s"], scale / r["ms_p80"], scale / r["ms_p20"]))
+    bar_chart(stem.with_suffix(".png"), f"Kernels on {meta['device']}", "GB/s (bytes read + written)", panels)
     print(table)
-    print(f"wrote {stem}.json and {stem}.md")
+    print(f"wrote {stem}.json, .md and .png")
     return 0
 
 
