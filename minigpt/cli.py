@@ -68,6 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--vocab", action="store_true", help="also drop tokens unseen in the calibration corpus")
     pr.add_argument("--vocab-min-count", type=int, default=1, help="keep tokens seen at least this often")
     pr.add_argument("--vocab-keep", nargs="+", default=(), help="tokens always kept")
+    pr.add_argument("--vocab-tokens", type=int, help="count the vocabulary over this many corpus tokens with the "
+                    "tokenizer alone (no forward pass; default: the calibration's own token histogram)")
     pr.add_argument("--vocab-min-size", type=int, default=0, help="keep at least this many tokens (most frequent)")
     pr.add_argument("--vocab-pad-to", type=int, default=1, help="round the kept vocabulary up to a multiple (64)")
     pr.add_argument("--out", required=True, help="new directory for the pruned model")
@@ -145,7 +147,8 @@ def _table(before: dict | None, after: dict) -> str:
         b, a = (before or after)["params"][key], after["params"][key]
         lines.append(f"| {label} | {b:,} | {a:,} | {100 * (a - b) / max(b, 1):+.1f}% |")
     if before is not None and "perplexity" in before:
-        for label, key, fmt in (("perplexity", "perplexity", ".3f"), ("bits per byte", "bits_per_byte", ".4f")):
+        for label, key, fmt in (("perplexity", "perplexity", ".3f"), ("bits per byte", "bits_per_byte", ".4f"),
+                                ("tokens per byte", "tokens_per_byte", ".4f")):
             b, a = before[key], after[key]
             lines.append(f"| {label} | {b:{fmt}} | {a:{fmt}} | ×{a / b:.3f} |")
         lines.append(f"| relative size | 100% | {after['relative_size_pct']:.1f}% | |")
@@ -160,6 +163,7 @@ def cmd_prune(args) -> None:
     from minigpt.pipeline import prune, prune_vocabulary
     from minigpt.planning import PruningPlan
     from minigpt.stats import CalibrationStats
+    from minigpt.vocab import corpus_token_counts
 
     source = args.model or default_model_path()
     out = Path(args.out)
@@ -171,13 +175,12 @@ def cmd_prune(args) -> None:
     if not args.no_eval:
         resolve_files(args.eval_data, default="stdlib-heldout")
     ratio = 0.2 if args.threshold is None and args.ratio is None else args.ratio
-    if args.vocab and stats is None:
-        if given_plan is not None:
-            raise MiniGPTError("--vocab needs token counts: give --stats or --data, not only --plan")
+    if args.vocab and stats is None and given_plan is not None and not args.vocab_tokens:
+        raise MiniGPTError("--vocab needs token counts: give --stats, --data or --vocab-tokens, not only --plan")
     model, tokenizer = _load(args)
     before = None if args.no_eval else _eval(model, tokenizer, args)
     reference = parameter_counts(model)["total"]
-    if args.vocab and stats is None:
+    if args.vocab and stats is None and not args.vocab_tokens:
         stats = calibrate(model, tokenizer, args.data, backend=args.backend, **_calibration_kwargs(args))
     model, plan = prune(
         model, tokenizer, stats=stats, pruning_plan=given_plan, data=args.data, metric=args.metric,
@@ -188,8 +191,11 @@ def cmd_prune(args) -> None:
     )
     vocab_report = None
     if args.vocab:
+        counts = stats.token_counts if not args.vocab_tokens else corpus_token_counts(
+            tokenizer, args.data, args.vocab_tokens, model.get_input_embeddings().num_embeddings, args.text_field,
+            progress=not args.no_progress)
         tokenizer, kept_ids, vocab_report = prune_vocabulary(
-            model, tokenizer, stats.token_counts, min_count=args.vocab_min_count, always_keep=args.vocab_keep,
+            model, tokenizer, counts, min_count=args.vocab_min_count, always_keep=args.vocab_keep,
             pad_to=args.vocab_pad_to, min_size=args.vocab_min_size)
         plan.vocab = kept_ids.tolist()
     if args.no_eval:

@@ -99,6 +99,7 @@ def perplexity(model, tokenizer, data=None, *, seq_len: int = 512, stride: int |
         "tokens": count,
         "bits_per_byte": nll / math.log(2) / max(text_bytes, 1),
         "bytes": text_bytes,
+        "tokens_per_byte": (ids.numel() - 1) / max(text_bytes, 1),
         "seq_len": seq_len,
         "stride": stride,
     }

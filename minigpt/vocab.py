@@ -309,6 +309,27 @@ def count_tokens(tokenizer, texts: Iterable[str], size: int | None = None) -> to
     return counts
 
 
+def corpus_token_counts(tokenizer, data, max_tokens: int, size: int, text_field: str = "text",
+                        progress: bool = True) -> torch.Tensor:
+    """Token histogram (int64, ``size``) of the first ``max_tokens`` packed tokens of a corpus: tokenizer only.
+
+    The same tokens a calibration of ``max_tokens`` would see (documents joined with EOS), without any forward
+    pass, so a vocabulary can be counted over far more text than the model can afford to read.
+    """
+    from tqdm.auto import tqdm
+
+    from minigpt.data import Batches, resolve_files
+
+    counts = torch.zeros(size, dtype=torch.long)
+    batches = Batches(tokenizer, resolve_files(data), seq_len=1024, batch_size=16, max_tokens=max_tokens,
+                      text_field=text_field)
+    with tqdm(total=max_tokens, unit="tok", unit_scale=True, desc="counting tokens", disable=not progress) as bar:
+        for ids in batches:
+            counts += torch.bincount(ids.flatten(), minlength=size)[:size]
+            bar.update(ids.numel())
+    return counts
+
+
 def tokens_per_byte(tokenizer, texts: Iterable[str]) -> float:
     """Tokens per UTF-8 byte over ``texts`` (no special tokens added): lower means better compression."""
     tokens = total = 0

@@ -128,7 +128,7 @@ def test_prune_with_vocab_saves_a_stock_loadable_smaller_vocabulary(model_dir, c
     out = tmp_path / "pruned-vocab"
     code, text, _ = _run(capsys, "prune", "--model", model_dir, "--data", corpus_dir, *CAL, "--ratio", "0.25",
                          "--vocab", "--out", out, "--eval-data", corpus_dir, *EVAL)
-    assert code == 0 and "vocabulary: kept" in text and "| bits per byte |" in text
+    assert code == 0 and "vocabulary: kept" in text and "| bits per byte |" in text and "| tokens per byte |" in text
     report = json.loads((out / "minigpt_report.json").read_text())
     kept = report["vocab"]["vocab_kept"]
     assert 256 < kept < 512
@@ -139,10 +139,21 @@ def test_prune_with_vocab_saves_a_stock_loadable_smaller_vocabulary(model_dir, c
     assert tokenizer.decode(tokenizer(text)["input_ids"]) == text
 
 
-def test_vocab_min_size_keeps_the_most_frequent_tokens_back(model_dir, corpus_dir, tmp_path, capsys):
+def test_vocab_counted_by_tokenizer_alone_with_min_size(model_dir, corpus_dir, tmp_path, tiny_tokenizer, capsys):
+    import torch
+
+    import minigpt
+    from minigpt.vocab import corpus_token_counts
+
+    counts = corpus_token_counts(tiny_tokenizer, str(corpus_dir), 2048, 512, progress=False)
+    stats = minigpt.calibrate(tiny_model("llama"), tiny_tokenizer, str(corpus_dir), max_tokens=2048, seq_len=1024,
+                              batch_size=2, progress=False)
+    assert torch.equal(counts, stats.token_counts)  # the tokens a calibration sees, without the forward pass
+
     out = tmp_path / "pruned-vocab-min"
     code, _, _ = _run(capsys, "prune", "--model", model_dir, "--data", corpus_dir, *CAL, "--ratio", "0.25",
-                      "--vocab", "--vocab-min-size", "480", "--vocab-pad-to", "8", "--out", out, "--no-eval")
+                      "--vocab", "--vocab-tokens", "2048", "--vocab-min-size", "480", "--vocab-pad-to", "8",
+                      "--out", out, "--no-eval")
     assert code == 0
     report = json.loads((out / "minigpt_report.json").read_text())
     assert 480 <= report["vocab"]["vocab_kept"] < 512 and report["vocab"]["vocab_kept"] % 8 == 0
