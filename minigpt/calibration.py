@@ -4,27 +4,47 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import time
 import types
 
 import torch
 
-from minigpt import adapters, ops
+from minigpt import adapters, distributed, ops
 from minigpt.data import Batches, resolve_files
 from minigpt.errors import MiniGPTError
-from minigpt.stats import CalibrationStats, fingerprint
+from minigpt.stats import CalibrationStats, check_fingerprint, content_hash, fingerprint
 
 log = logging.getLogger("minigpt")
 
 
 class _LayerAccumulator:
-    """fp32 scratch ``acc: (3, N)`` / ``nnz: (N,)`` filled by the op during one batch, folded into fp64 totals."""
+    """fp32 scratch ``acc: (3, N)`` / ``nnz: (N,)`` filled by the op during one batch, folded into fp64 totals.
 
-    def __init__(self, n: int, device: torch.device):
-        self.acc = torch.zeros(3, n, dtype=torch.float32, device=device)
-        self.nnz = torch.zeros(n, dtype=torch.int64, device=device)
+    Allocated on the device where the layer's activations first appear (each layer's own with ``device_map``).
+    """
+
+    def __init__(self, n: int):
+        self.n, self.acc, self.nnz = n, None, None
+
+    def on(self, device: torch.device) -> _LayerAccumulator:
+        if self.acc is None:
+            self.acc = torch.zeros(3, self.n, dtype=torch.float32, device=device)
+            self.nnz = torch.zeros(self.n, dtype=torch.int64, device=device)
+        return self
+
+    def check_finite(self, layer: int) -> None:
+        if self.acc is not None and not torch.isfinite(self.acc[:2].sum()):
+            raise MiniGPTError(f"non-finite activations (NaN or inf) in MLP layer {layer}; stopping, nothing saved "
+                               "(check the weights and --dtype)")
 
     def fold_into(self, stats: CalibrationStats, layer: int) -> None:
+        """Add the batch into ``stats`` (whose layer tensors move, once, to this layer's device) and reset."""
+        if self.acc is None:
+            return
+        for name in ("sum_abs", "sum_sq", "max_abs", "nonzero"):
+            totals = getattr(stats, name)
+            totals[layer] = totals[layer].to(self.acc.device)
         stats.sum_abs[layer] += self.acc[0]
         stats.sum_sq[layer] += self.acc[1]
         torch.maximum(stats.max_abs[layer], self.acc[2], out=stats.max_abs[layer])
@@ -44,10 +64,11 @@ class _StatsActivation(torch.nn.Module):
         self.original, self.act, self.accum, self.backend = original, act, accum, backend
 
     def forward(self, x, up=None):
+        accum = self.accum.on(x.device)
         if self.act is not None:
-            return ops.act_stats(x, up, self.act, self.accum.acc, self.accum.nnz, backend=self.backend)
+            return ops.act_stats(x, up, self.act, accum.acc, accum.nnz, backend=self.backend)
         h = self.original(x) if up is None else self.original(x) * up
-        ops.column_stats(h, self.accum.acc, self.accum.nnz, backend=self.backend)
+        ops.column_stats(h, accum.acc, accum.nnz, backend=self.backend)
         return h
 
 
@@ -88,14 +109,23 @@ def _progress(total: int | None, enabled: bool):
     return tqdm(total=total, unit="tok", unit_scale=True, desc="calibrating", disable=not enabled, smoothing=0.1)
 
 
+def input_device(model) -> torch.device:
+    """Where input ids go: the embedding's device (the CPU when ``device_map`` offloaded it; its hook moves them)."""
+    device = model.get_input_embeddings().weight.device
+    return torch.device("cpu") if device.type == "meta" else device
+
+
 @torch.inference_mode()
 def run_batches(model, batches, stats: CalibrationStats, backend: str = "auto", progress: bool = True,
                 on_batch=None) -> CalibrationStats:
-    """Stream ``batches`` (``(B, S)`` input ids) through ``model`` adding into ``stats`` (in place, returned)."""
-    device = model.get_input_embeddings().weight.device
+    """Stream ``batches`` (``(B, S)`` input ids) through ``model`` adding into ``stats`` (in place, returned).
+
+    Each layer's statistics move to that layer's device; a NaN or inf activation stops with the layer named.
+    """
+    device = input_device(model)
     backend = ops.resolve_backend(backend, device)
-    widths = adapters.widths(model)
-    accums = [_LayerAccumulator(n, device) for n in widths]
+    accums = [_LayerAccumulator(n) for n in adapters.widths(model)]
+    stats.token_counts = stats.token_counts.to(device)
     base = model.base_model
     total = batches.max_sequences * batches.seq_len if getattr(batches, "max_sequences", None) else None
     with patched(model, accums, backend), _progress(total, progress) as bar:
@@ -105,8 +135,7 @@ def run_batches(model, batches, stats: CalibrationStats, backend: str = "auto", 
             base(input_ids=input_ids, attention_mask=mask, use_cache=False)
             ops.token_histogram(input_ids, mask, stats.token_counts, backend=backend)
             for layer, accum in enumerate(accums):
-                if not torch.isfinite(accum.acc[:2].sum()):
-                    raise MiniGPTError(f"non-finite activations in MLP layer {layer}; stopping (check dtype/model)")
+                accum.check_finite(layer)
                 accum.fold_into(stats, layer)
             stats.tokens += input_ids.numel()
             bar.update(input_ids.numel())
@@ -114,6 +143,38 @@ def run_batches(model, batches, stats: CalibrationStats, backend: str = "auto", 
                 on_batch(stats)
     stats.meta["backend"] = backend
     return stats
+
+
+def _restore(path, resume: bool, fp: dict, run: dict):
+    """``(stats, positions, done)`` saved in the checkpoint ``path``, or None when there is none.
+
+    Refuses to overwrite an interrupted run's checkpoint without ``resume``, and a checkpoint of another run.
+    """
+    if path is None or not os.path.exists(path):
+        if resume:
+            log.info("no checkpoint at %s: starting from the beginning", path)
+        return None
+    if not resume:
+        raise MiniGPTError(f"checkpoint {path} exists from an interrupted run: pass --resume to continue it, "
+                           "or delete it")
+    saved = CalibrationStats.load(path)
+    state = saved.meta.pop("checkpoint", None)
+    if state is None:
+        raise MiniGPTError(f"{path} is a statistics file, not a calibration checkpoint")
+    check_fingerprint(saved.fingerprint, fp, "the checkpoint's statistics")
+    for key, value in run.items():
+        if state["run"].get(key) != value:
+            raise MiniGPTError(f"checkpoint {path} belongs to another run ({key} was {state['run'].get(key)!r}, "
+                               f"now {value!r}); delete it to start over")
+    return saved, state["positions"], state["done"]
+
+
+def _share(max_tokens: int | None, seq_len: int, rank: int, world: int) -> int | None:
+    """Sequences rank ``rank`` calibrates on: its part of ``⌈max_tokens / seq_len⌉`` (None: its whole shard)."""
+    if max_tokens is None:
+        return None
+    n = -(-max_tokens // seq_len)
+    return n // world + (rank < n % world)
 
 
 def calibrate(
@@ -128,26 +189,73 @@ def calibrate(
     text_field: str = "text",
     seed: int | None = 0,
     progress: bool = True,
+    checkpoint: str | os.PathLike | None = None,
+    checkpoint_every: int | None = None,
+    resume: bool = False,
 ) -> CalibrationStats:
     """Collect per-neuron statistics of ``model`` over the corpus ``data`` (files, dirs or corpus names).
 
+    Under ``torch.distributed`` each rank streams its own shard of the documents (``split_dataset_by_node``)
+    and calibrates on its part of ``max_tokens``; the statistics are all-reduced and every rank returns the
+    total. ``checkpoint``: a file rewritten atomically (by rank 0) every ``checkpoint_every`` tokens with the
+    summed statistics and every rank's stream position; ``resume=True`` continues from it, ending with the
+    statistics of an uninterrupted run. The caller deletes the checkpoint once the result is saved.
     Returns ``CalibrationStats`` (on the CPU) whose ``meta`` records the corpus, the backend and the speed.
     """
+    rank, world = distributed.rank_world()
     files = resolve_files(data)
-    batches = Batches(tokenizer, files, seq_len=seq_len, batch_size=batch_size, max_tokens=max_tokens,
-                      text_field=text_field, seed=seed)
-    device = model.get_input_embeddings().weight.device
-    stats = CalibrationStats.empty(fingerprint(model, tokenizer), device=device)
+    corpus = {"data": data if data else "stdlib", "files": len(files), "seq_len": seq_len,
+              "max_tokens": max_tokens, "seed": seed}
+    run = {**corpus, "files_hash": content_hash([(str(f), f.stat().st_size) for f in files]),
+           "batch_size": batch_size, "text_field": text_field, "world_size": world}
+    fp = fingerprint(model, tokenizer)
+    stats, positions, done = CalibrationStats.empty(fp), [0] * world, [0] * world
+    restored = _restore(checkpoint, resume, fp, run) if rank == 0 else None  # rank 0 holds the checkpoint
+    if restored is not None:
+        stats, positions, done = restored
+    positions, done = distributed.all_sum(positions), distributed.all_sum(done)  # rank 0's, to every rank
+    resumed_tokens, start_tokens = stats.tokens, sum(positions) * seq_len
+    share = _share(max_tokens, seq_len, rank, world)
+    every = None if not (checkpoint and checkpoint_every) else -(-checkpoint_every // (world * batch_size * seq_len))
+    mine = {"position": positions[rank], "batches": 0}
+
+    def sync(finished_here: bool):
+        """One collective round: the summed stats and every position; rank 0 checkpoints unless all finished."""
+        one_hot = [0] * (2 * world)
+        one_hot[rank], one_hot[world + rank] = mine["position"], int(finished_here)
+        state = distributed.all_sum(one_hot)
+        total = distributed.all_reduce_stats(stats)
+        finished = all(state[world:])
+        if checkpoint and not finished and rank == 0:
+            total.meta["checkpoint"] = {"run": run, "positions": state[:world], "done": state[world:]}
+            total.save(checkpoint)
+        return total, finished, state[:world]
+
+    def on_batch(s: CalibrationStats) -> None:
+        mine["position"] = positions[rank] + (s.tokens - resumed_tokens) // seq_len
+        mine["batches"] += 1
+        if every and mine["batches"] % every == 0:
+            sync(False)
+
+    backend = ops.resolve_backend(backend, input_device(model))
     start = time.perf_counter()
-    run_batches(model, batches, stats, backend=backend, progress=progress)
+    if not done[rank] and share != 0:
+        batches = Batches(tokenizer, files, seq_len=seq_len, batch_size=batch_size,
+                          max_tokens=None if share is None else share * seq_len, text_field=text_field, seed=seed,
+                          rank=rank, world_size=world, skip_sequences=positions[rank], allow_empty=world > 1)
+        run_batches(model, batches, stats, backend=backend, progress=progress and rank == 0, on_batch=on_batch)
+    total, finished, positions = sync(True)
+    while not finished:  # this rank's shard ended: keep joining the others' checkpoint rounds
+        total, finished, positions = sync(True)
+    if total.tokens == 0:
+        raise MiniGPTError(f"corpus too small: no rank got a whole sequence of {seq_len} tokens "
+                           "(lower --seq-len or add data)")
     seconds = time.perf_counter() - start
-    stats.meta.update(
-        corpus={"data": data if data else "stdlib", "files": len(files), "seq_len": seq_len,
-                "max_tokens": max_tokens, "seed": seed},
-        seconds=round(seconds, 3),
-        tokens_per_second=round(stats.tokens / seconds, 1),
+    new_tokens = sum(positions) * seq_len - start_tokens
+    total.meta.update(
+        corpus=corpus, backend=backend, world_size=world, sequences_per_rank=positions,
+        seconds=round(seconds, 3), tokens_per_second=round(new_tokens / seconds, 1),
         dtype=str(model.get_input_embeddings().weight.dtype).removeprefix("torch."),
     )
-    log.info("calibrated on %d tokens with backend %s (%.0f tok/s)", stats.tokens, stats.meta["backend"],
-             stats.tokens / seconds)
-    return stats.to("cpu")
+    log.info("calibrated on %d tokens with backend %s (%.0f tok/s)", total.tokens, backend, new_tokens / seconds)
+    return total

@@ -48,6 +48,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(cal)
     _add_calibration_args(cal)
     cal.add_argument("--out", required=True, help="statistics file to write (.safetensors)")
+    cal.add_argument("--checkpoint", help="checkpoint file, rewritten atomically while calibrating (default: OUT.ckpt)")
+    cal.add_argument("--checkpoint-every", type=int, default=1 << 20, metavar="TOKENS",
+                     help="checkpoint interval in tokens, all ranks together (default 1048576; 0: never)")
+    cal.add_argument("--resume", action="store_true", help="continue from the checkpoint (if there is one)")
+    cal.add_argument("--device-map", choices=("auto",), help="spread a model larger than one GPU over all of them")
 
     pr = sub.add_parser("prune", help="remove MLP neurons and save a smaller model")
     _add_model_args(pr)
@@ -121,15 +126,29 @@ def _eval(model, tokenizer, args, reference_params=None) -> dict:
 
 
 def cmd_calibrate(args) -> None:
+    """Calibrate (on every rank under ``torchrun``, each on its shard); rank 0 writes the summed statistics."""
+    from minigpt import distributed
     from minigpt.calibration import calibrate
+    from minigpt.io import discard, load_model
 
     out = Path(args.out)
+    checkpoint = Path(args.checkpoint or f"{out}.ckpt")
     resolve_files(args.data)  # fail on bad paths before loading the model
-    model, tokenizer = _load(args)
-    stats = calibrate(model, tokenizer, args.data, backend=args.backend, **_calibration_kwargs(args))
-    stats.save(out)
-    print(f"wrote {out}: {stats.tokens} tokens, {stats.num_layers} layers, backend {stats.meta['backend']}, "
-          f"{stats.meta['tokens_per_second']:.0f} tok/s")
+    distributed.check_local_world_for_device_map(args.device_map)
+    device, dtype = _device_dtype(args)
+    device = distributed.setup(device)
+    try:
+        model, tokenizer = load_model(args.model, dtype=dtype, device=device, device_map=args.device_map)
+        stats = calibrate(model, tokenizer, args.data, backend=args.backend, checkpoint=checkpoint,
+                          checkpoint_every=args.checkpoint_every, resume=args.resume, **_calibration_kwargs(args))
+        if distributed.rank_world()[0] == 0:
+            stats.save(out)
+            discard(checkpoint)
+            ranks = f" over {stats.meta['world_size']} ranks" if stats.meta["world_size"] > 1 else ""
+            print(f"wrote {out}: {stats.tokens} tokens{ranks}, {stats.num_layers} layers, backend "
+                  f"{stats.meta['backend']}, {stats.meta['tokens_per_second']:.0f} tok/s")
+    finally:
+        distributed.teardown()
 
 
 def _check_out(out: Path, source) -> None:

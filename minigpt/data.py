@@ -116,6 +116,7 @@ class Batches:
     rank: int = 0
     world_size: int = 1
     skip_sequences: int = 0  # resume: sequences of this stream already consumed
+    allow_empty: bool = False  # a distributed rank's shard may hold no sequence (the total is checked)
 
     def __post_init__(self):
         if self.seq_len < 2 or self.batch_size < 1:
@@ -141,7 +142,7 @@ class Batches:
                     yield buf[: self.seq_len]
                 n += 1
                 buf = buf[self.seq_len :]
-        if n == 0:
+        if n == 0 and not self.allow_empty:
             raise MiniGPTError(
                 f"corpus too small: {len(buf)} tokens, fewer than one sequence of {self.seq_len} "
                 "(lower --seq-len or add data)"

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import glob
 import importlib.util
 import logging
 import os
 import shutil
+import socket
 import tempfile
 from pathlib import Path
 
@@ -26,34 +28,91 @@ def cache_dir() -> Path:
     return Path(os.environ.get("MINIGPT_CACHE", Path.home() / ".cache" / "minigpt"))
 
 
+def _partial_prefix(dest: Path) -> str:
+    return f".{dest.name}.partial-{socket.gethostname()}-"
+
+
+def _remove_stale_partials(dest: Path) -> None:
+    """Delete temporaries of ``dest`` left by killed writers on this host (their process no longer exists)."""
+    prefix = _partial_prefix(dest)
+    for stale in dest.parent.glob(f"{glob.escape(prefix)}*"):
+        pid = stale.name.removeprefix(prefix).split("-")[0]
+        if not pid.isdigit() or _alive(int(pid)):
+            continue
+        if stale.is_dir():
+            shutil.rmtree(stale, ignore_errors=True)
+        else:
+            stale.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        pass
+    return True
+
+
+def discard(path: str | os.PathLike) -> None:
+    """Delete the file ``path`` and any temporaries of it that killed writers left."""
+    path = Path(path).resolve()
+    path.unlink(missing_ok=True)
+    _remove_stale_partials(path)
+
+
+@contextlib.contextmanager
+def _write_errors(dest: Path):
+    """Turn a failed write (full disk, file-size limit, I/O error) into one line; the caller cleans up."""
+    try:
+        yield
+    except OSError as err:
+        raise MiniGPTError(f"could not write {dest}: {err.strerror or err}; nothing was written") from err
+    except Exception as err:
+        if type(err).__name__ != "SafetensorError":  # safetensors reports I/O errors as its own type
+            raise
+        raise MiniGPTError(f"could not write {dest}: {str(err).splitlines()[0]}; nothing was written") from err
+
+
 @contextlib.contextmanager
 def atomic_dir(dest: str | os.PathLike, overwrite: bool = False):
-    """Yield a temporary directory beside ``dest``; rename it to ``dest`` only if the block succeeds."""
+    """Yield a temporary directory beside ``dest``; rename it to ``dest`` only if the block succeeds.
+
+    A failed write raises one ``MiniGPTError`` and leaves neither ``dest`` nor the temporary; temporaries of
+    writers killed earlier (SIGKILL skips cleanup) are removed on the next write to ``dest``.
+    """
     dest = Path(dest).resolve()
     if dest.exists() and not overwrite:
         raise MiniGPTError(f"output {dest} already exists; choose a new path")
     dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.partial-", dir=dest.parent))
+    _remove_stale_partials(dest)
+    tmp = Path(tempfile.mkdtemp(prefix=f"{_partial_prefix(dest)}{os.getpid()}-", dir=dest.parent))
     tmp.chmod(0o755)
     try:
-        yield tmp
-        if dest.exists():
-            shutil.rmtree(dest)
-        os.replace(tmp, dest)
+        with _write_errors(dest):
+            yield tmp
+            if dest.exists():
+                shutil.rmtree(dest)
+            os.replace(tmp, dest)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
 @contextlib.contextmanager
 def atomic_file(dest: str | os.PathLike):
-    """Yield a temporary path beside ``dest``; it replaces ``dest`` only if the block succeeds."""
+    """Yield a temporary path beside ``dest``; it replaces ``dest`` (flushed to disk) only if the block succeeds."""
     dest = Path(dest).resolve()
     dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.partial-", dir=dest.parent)
+    _remove_stale_partials(dest)
+    fd, tmp = tempfile.mkstemp(prefix=f"{_partial_prefix(dest)}{os.getpid()}-", dir=dest.parent)
     os.close(fd)
     try:
-        yield Path(tmp)
-        os.replace(tmp, dest)
+        with _write_errors(dest):
+            yield Path(tmp)
+            with open(tmp, "rb+") as f:
+                os.fsync(f.fileno())
+            os.replace(tmp, dest)
     finally:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
@@ -93,11 +152,13 @@ def _load_gguf(path: Path, dtype: torch.dtype):
 
 
 def load_model(
-    path: str | os.PathLike | None = None, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"
+    path: str | os.PathLike | None = None, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
+    device_map: str | dict | None = None,
 ):
     """Load ``(model, tokenizer)`` from an HF directory, a ``.gguf`` file, or the default (None).
 
     Directories pruned with non-uniform MLP widths load through their saved ``trust_remote_code`` module.
+    ``device_map`` (e.g. ``"auto"``: spread over every visible GPU, then CPU) replaces ``device`` for directories.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
@@ -115,11 +176,16 @@ def load_model(
             if not (path / "config.json").exists():
                 raise MiniGPTError(f"{path} is not a Hugging Face model directory (no config.json)")
             tokenizer = AutoTokenizer.from_pretrained(path)
-            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=True)
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=True,
+                                                         device_map=device_map)
     except (OSError, ValueError, KeyError) as err:
         raise MiniGPTError(f"cannot load model from {path}: {str(err).splitlines()[0]}") from err
+    except Exception as err:  # a corrupted or truncated safetensors file
+        if type(err).__name__ != "SafetensorError":
+            raise
+        raise MiniGPTError(f"cannot load model from {path}: corrupted weights ({str(err).splitlines()[0]})") from err
     model.name_or_path = str(path)
-    return model.to(device).eval(), tokenizer
+    return (model if device_map is not None else model.to(device)).eval(), tokenizer
 
 
 def save_model(model, tokenizer, out: str | os.PathLike) -> None:

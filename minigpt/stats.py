@@ -16,7 +16,8 @@ FORMAT_VERSION = 1
 _VOLATILE_CONFIG_KEYS = {"transformers_version", "_name_or_path", "torch_dtype", "dtype", "architectures", "auto_map"}
 
 
-def _sha(obj) -> str:
+def content_hash(obj) -> str:
+    """16 hex digits of the SHA-256 of ``obj`` as canonical JSON."""
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -28,10 +29,10 @@ def fingerprint(model, tokenizer=None) -> dict:
         "num_layers": len(adapters.mlps(model)),
         "mlp_widths": adapters.widths(model),
         "vocab_size": model.get_input_embeddings().weight.shape[0],
-        "config_hash": _sha(config),
+        "config_hash": content_hash(config),
     }
     if tokenizer is not None:
-        fp["tokenizer_hash"] = _sha(sorted(tokenizer.get_vocab().items()))
+        fp["tokenizer_hash"] = content_hash(sorted(tokenizer.get_vocab().items()))
     return fp
 
 
@@ -129,9 +130,32 @@ class CalibrationStats:
         with atomic_file(path) as tmp:
             save_file(self.tensors(), str(tmp), metadata={"minigpt": json.dumps(header)})
 
+    def inconsistency(self) -> str | None:
+        """Why these cannot be sums over a calibration of the fingerprinted model (None when they can)."""
+        widths, vocab = self.fingerprint.get("mlp_widths"), self.fingerprint.get("vocab_size")
+        expected = {"sum_abs": torch.float64, "sum_sq": torch.float64, "max_abs": torch.float32, "nonzero": torch.int64}
+        for name, dtype in expected.items():
+            ts = getattr(self, name)
+            if [tuple(t.shape) for t in ts] != [(n,) for n in widths] or any(t.dtype != dtype for t in ts):
+                return f"{name} does not match the MLP widths {widths[:3]}... ({dtype})"
+        if tuple(self.token_counts.shape) != (vocab,) or self.token_counts.dtype != torch.int64:
+            return f"token_counts does not match the vocabulary size {vocab}"
+        if not isinstance(self.tokens, int) or self.tokens < 0:
+            return f"tokens seen is {self.tokens!r}"
+        if bool((self.token_counts < 0).any()) or int(self.token_counts.sum()) > self.tokens:
+            return f"the token histogram is negative or counts more than the {self.tokens} tokens seen"
+        for name in ("sum_abs", "sum_sq", "max_abs"):
+            for layer, t in enumerate(getattr(self, name)):
+                if not bool(torch.isfinite(t).all()) or bool((t < 0).any()):
+                    return f"{name} of layer {layer} holds negative or non-finite values"
+        for layer, t in enumerate(self.nonzero):
+            if bool((t < 0).any()) or bool((t > self.tokens).any()):
+                return f"nonzero counts of layer {layer} are outside [0, {self.tokens}]"
+        return None
+
     @classmethod
     def load(cls, path: str | os.PathLike) -> CalibrationStats:
-        """Read a stats file; a missing, truncated or foreign file gets a one-line error."""
+        """Read a stats file; a missing, truncated, corrupted or inconsistent file gets a one-line error."""
         from safetensors import safe_open
 
         if not os.path.isfile(path):
@@ -145,8 +169,10 @@ class CalibrationStats:
                 name: [tensors[f"layers.{i}.{name}"] for i in range(n)]
                 for name in ("sum_abs", "sum_sq", "max_abs", "nonzero")
             }
-            token_counts = tensors["token_counts"]
-        except (KeyError, json.JSONDecodeError, OSError, RuntimeError, ValueError) as err:
+            stats = cls(**per_layer, token_counts=tensors["token_counts"], tokens=header["tokens"],
+                        fingerprint=header["fingerprint"], meta=header["meta"])
+            problem = stats.inconsistency()
+        except (KeyError, TypeError, json.JSONDecodeError, OSError, RuntimeError, ValueError) as err:
             raise MiniGPTError(f"stats file {path} is corrupted or not a minigpt stats file ({type(err).__name__})")
         except Exception as err:  # safetensors raises its own SafetensorError for truncated headers
             if type(err).__name__ == "SafetensorError":
@@ -155,5 +181,6 @@ class CalibrationStats:
         if header.get("format_version") != FORMAT_VERSION:
             raise MiniGPTError(f"stats file {path} has format version {header.get('format_version')}, "
                                f"expected {FORMAT_VERSION}")
-        return cls(**per_layer, token_counts=token_counts, tokens=header["tokens"],
-                   fingerprint=header["fingerprint"], meta=header["meta"])
+        if problem is not None:
+            raise MiniGPTError(f"stats file {path} is corrupted: {problem}")
+        return stats
