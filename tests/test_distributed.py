@@ -60,3 +60,25 @@ def test_max_tokens_is_split_between_ranks():
     assert [_share(5 * SEQ_LEN, SEQ_LEN, r, 2) for r in range(2)] == [3, 2]  # ⌈max_tokens / seq_len⌉ in all
     assert sum(_share(1000, SEQ_LEN, r, 3) for r in range(3)) == -(-1000 // SEQ_LEN)
     assert _share(None, SEQ_LEN, 1, 2) is None  # no budget: every rank its whole shard
+
+
+def test_device_map_with_offloaded_layers(setup, tmp_path, tiny_tokenizer):
+    """A model dispatched by accelerate (embedding and layer 1 offloaded to disk: meta weights, hooks moving them
+    in) calibrates to the same statistics; ``--device-map auto`` loads through the same path."""
+    from transformers import AutoModelForCausalLM
+
+    import minigpt
+
+    model_dir, corpus = setup
+    kwargs = {"max_tokens": 8 * SEQ_LEN, "seq_len": SEQ_LEN, "batch_size": 2, "progress": False}
+    plain = minigpt.calibrate(minigpt.load_model(model_dir)[0], tiny_tokenizer, [str(corpus)], **kwargs)
+    device_map = {"model.embed_tokens": "disk", "model.layers.0": "cpu", "model.layers.1": "disk",
+                  "model.norm": "cpu", "model.rotary_emb": "cpu", "lm_head": "cpu"}
+    spread = AutoModelForCausalLM.from_pretrained(model_dir, device_map=device_map, offload_folder=tmp_path / "off")
+    assert spread.model.layers[1].mlp.up_proj.weight.device.type == "meta"
+    assert_stats_equal(minigpt.calibrate(spread, tiny_tokenizer, [str(corpus)], **kwargs), plain, exact=True)
+    out = tmp_path / "auto.safetensors"
+    assert main(["calibrate", "--model", str(model_dir), "--data", str(corpus), "--device-map", "auto",
+                 "--seq-len", str(SEQ_LEN), "--batch-size", "2", "--max-tokens", str(8 * SEQ_LEN), "--no-progress",
+                 "--out", str(out)]) == 0
+    assert_stats_equal(CalibrationStats.load(out), plain, exact=True)
