@@ -5,6 +5,7 @@
 
 #include <optional>
 #include <string_view>
+#include <vector>
 
 #include "kernel_args.h"
 
@@ -106,6 +107,23 @@ inline at::Tensor gather_output(const at::Tensor& src, const at::Tensor& index, 
   auto sizes = src.sizes().vec();
   sizes[dim] = index.numel();
   return at::empty(sizes, src.options());
+}
+
+// The gather op over many sources: checks each (src, index, dim), allocates its output and, unless empty, has
+// fill(src, idx, dim, out) copy the kept rows/columns (idx: index on src's device, contiguous).
+template <class Fill>
+std::vector<at::Tensor> gather_all(at::TensorList srcs, at::TensorList indices, at::IntArrayRef dims, Fill fill) {
+  TORCH_CHECK(srcs.size() == indices.size() && srcs.size() == dims.size(),
+              "minigpt: gather needs as many indices and dims as sources");
+  std::vector<at::Tensor> outs;
+  outs.reserve(srcs.size());
+  for (size_t i = 0; i < srcs.size(); ++i) {
+    const at::Tensor idx = check_gather(srcs[i], indices[i], dims[i]);
+    at::Tensor out = gather_output(srcs[i], idx, dims[i]);
+    if (out.numel() > 0) fill(srcs[i], idx, dims[i], out);
+    outs.push_back(std::move(out));
+  }
+  return outs;
 }
 
 }  // namespace minigpt

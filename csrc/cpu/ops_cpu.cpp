@@ -129,19 +129,9 @@ void gather_one(const at::Tensor& src, const at::Tensor& idx, int64_t dim, at::T
 }
 
 std::vector<at::Tensor> gather(at::TensorList srcs, at::TensorList indices, at::IntArrayRef dims) {
-  TORCH_CHECK(srcs.size() == indices.size() && srcs.size() == dims.size(),
-              "minigpt: gather needs as many indices and dims as sources");
-  std::vector<at::Tensor> outs;
-  outs.reserve(srcs.size());
-  for (size_t i = 0; i < srcs.size(); ++i) {
-    const at::Tensor idx = check_gather(srcs[i], indices[i], dims[i]);
-    at::Tensor out = gather_output(srcs[i], idx, dims[i]);
-    if (out.numel() > 0) {
-      AT_DISPATCH_INDEX_TYPES(idx.scalar_type(), "gather", [&] { gather_one<index_t>(srcs[i], idx, dims[i], out); });
-    }
-    outs.push_back(std::move(out));
-  }
-  return outs;
+  return gather_all(srcs, indices, dims, [](const at::Tensor& src, const at::Tensor& idx, int64_t dim, at::Tensor& out) {
+    AT_DISPATCH_INDEX_TYPES(idx.scalar_type(), "gather", [&] { gather_one<index_t>(src, idx, dim, out); });
+  });
 }
 
 }  // namespace

@@ -48,20 +48,12 @@ void token_histogram(const at::Tensor& ids, const std::optional<at::Tensor>& mas
 }
 
 std::vector<at::Tensor> gather(at::TensorList srcs, at::TensorList indices, at::IntArrayRef dims) {
-  TORCH_CHECK(srcs.size() == indices.size() && srcs.size() == dims.size(),
-              "minigpt: gather needs as many indices and dims as sources");
-  std::vector<at::Tensor> outs;
-  outs.reserve(srcs.size());
-  for (size_t i = 0; i < srcs.size(); ++i) {
-    const c10::cuda::CUDAGuard guard(srcs[i].device());
-    const at::Tensor idx = check_gather(srcs[i], indices[i], dims[i]);
-    at::Tensor out = gather_output(srcs[i], idx, dims[i]);
-    C10_CUDA_CHECK(launch_gather(srcs[i].const_data_ptr(), srcs[i].stride(0), srcs[i].stride(1), idx.const_data_ptr(),
-                                 idx.scalar_type() == at::kLong, dims[i], out.data_ptr(), out.size(0), out.size(1),
-                                 srcs[i].element_size(), c10::cuda::getCurrentCUDAStream()));
-    outs.push_back(std::move(out));
-  }
-  return outs;
+  return gather_all(srcs, indices, dims, [](const at::Tensor& src, const at::Tensor& idx, int64_t dim, at::Tensor& out) {
+    const c10::cuda::CUDAGuard guard(src.device());
+    C10_CUDA_CHECK(launch_gather(src.const_data_ptr(), src.stride(0), src.stride(1), idx.const_data_ptr(),
+                                 idx.scalar_type() == at::kLong, dim, out.data_ptr(), out.size(0), out.size(1),
+                                 src.element_size(), c10::cuda::getCurrentCUDAStream()));
+  });
 }
 
 }  // namespace
