@@ -79,6 +79,9 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--vocab-pad-to", type=int, default=1, help="round the kept vocabulary up to a multiple (64)")
     pr.add_argument("--out", required=True, help="new directory for the pruned model")
     pr.add_argument("--no-eval", action="store_true", help="skip the before/after perplexity")
+    pr.add_argument("--out-of-core", action="store_true",
+                    help="rewrite the safetensors checkpoint shard by shard, one tensor at a time (models larger "
+                         "than RAM; needs --stats or --plan; no evaluation)")
     pr.add_argument("--json", action="store_true", help="print the report as JSON")
     _add_eval_args(pr, "--eval-data")
 
@@ -174,6 +177,25 @@ def _table(before: dict | None, after: dict) -> str:
     return "\n".join(lines)
 
 
+def _prune_out_of_core(args, source: Path, out: Path, stats, given_plan, ratio) -> None:
+    """``prune --out-of-core``: the safetensors checkpoint is rewritten shard by shard, never loaded (no eval)."""
+    from minigpt.sharded import prune_checkpoint
+
+    if stats is None and given_plan is None:
+        raise MiniGPTError("--out-of-core needs --stats or --plan (calibrate first, e.g. under torchrun)")
+    if args.vocab:
+        raise MiniGPTError("--out-of-core does not prune the vocabulary")
+    _, plan, report = prune_checkpoint(
+        source, out, stats=stats, pruning_plan=given_plan, metric=args.metric, threshold=args.threshold,
+        ratio=ratio, scope=args.scope, multiple=args.multiple, min_keep=args.min_keep, reverse=args.reverse)
+    if args.json:
+        print(json.dumps(report, indent=1))
+        return
+    sizes = report["weight_bytes"]
+    print(f"removed {100 * plan.removed_fraction:.1f}% of MLP neurons out of core; saved to {out} "
+          f"(weights {sizes['before'] / 2**20:,.1f} MiB -> {sizes['after'] / 2**20:,.1f} MiB)")
+
+
 def cmd_prune(args) -> None:
     from minigpt.calibration import calibrate
     from minigpt.compact import save_pruned
@@ -194,6 +216,8 @@ def cmd_prune(args) -> None:
     if not args.no_eval:
         resolve_files(args.eval_data, default="stdlib-heldout")
     ratio = 0.2 if args.threshold is None and args.ratio is None else args.ratio
+    if args.out_of_core:
+        return _prune_out_of_core(args, Path(source), out, stats, given_plan, ratio)
     if args.vocab and stats is None and given_plan is not None and not args.vocab_tokens:
         raise MiniGPTError("--vocab needs token counts: give --stats, --data or --vocab-tokens, not only --plan")
     model, tokenizer = _load(args)

@@ -33,11 +33,13 @@ def compact(model, plan: PruningPlan, backend: str = "auto"):
 
 
 def save_pruned(model, tokenizer, out: str | os.PathLike, plan: PruningPlan | None = None,
-                source: str | os.PathLike | None = None, report: dict | None = None) -> Path:
+                source: str | os.PathLike | None = None, report: dict | None = None, write_weights=None) -> Path:
     """Write a pruned model atomically to the new directory ``out`` (never over ``source``).
 
     Uniform widths load with stock ``from_pretrained``. Per-layer widths add ``modeling_minigpt.py`` and an
     ``auto_map`` so ``from_pretrained(out, trust_remote_code=True)`` (and ``minigpt.load_model``) rebuild them.
+    ``write_weights(dir)`` writes the weights instead of ``save_pretrained`` (out-of-core compaction of a
+    meta-device ``model``, see ``minigpt.sharded``); config, generation config and tokenizer are saved as usual.
     """
     out = Path(out).resolve()
     if source is not None and Path(source).resolve() in (out, *out.parents):
@@ -49,7 +51,14 @@ def save_pruned(model, tokenizer, out: str | os.PathLike, plan: PruningPlan | No
         config.minigpt_layout = {k: layout[k] for k in ("blocks", "mlp", "rows", "cols", "conv1d")}
         config.auto_map = {"AutoModelForCausalLM": "modeling_minigpt.MiniGPTForCausalLM"}
     with atomic_dir(out) as tmp:
-        save_model(model, tokenizer, tmp)
+        if write_weights is None:
+            save_model(model, tokenizer, tmp)
+        else:
+            write_weights(tmp)
+            model.config.save_pretrained(tmp)
+            if model.generation_config is not None:
+                model.generation_config.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
         if nonuniform:
             base = next(c.__name__ for c in type(model).__mro__ if c.__name__ != "MiniGPTForCausalLM")  # reloaded
             code = REMOTE_CODE.read_text().replace('BASE_CLASS = "LlamaForCausalLM"', f'BASE_CLASS = "{base}"')
