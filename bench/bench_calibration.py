@@ -34,11 +34,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from bench.plotting import bar_chart
 from minigpt import adapters, ops
 from minigpt.calibration import run_batches
 from minigpt.stats import CalibrationStats, fingerprint
-
-from bench.plotting import bar_chart
 
 RESULTS = Path(__file__).resolve().parent / "results"
 LLAMA_SHAPES = {  # random-initialised configs: (hidden, layers, MLP width, heads, kv heads, vocab)

@@ -16,17 +16,18 @@ def tiny_config(model_type: str, tied: bool = False, vocab_size: int = TINY_VOCA
     """A 2-layer config of ``model_type`` (hidden 32, MLP width 48) with untied or tied embeddings."""
     from transformers import AutoConfig
 
-    common = dict(vocab_size=vocab_size, tie_word_embeddings=tied, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    common = {"vocab_size": vocab_size, "tie_word_embeddings": tied, "bos_token_id": 1, "eos_token_id": 2,
+              "pad_token_id": 0}
     per_type = {
-        "gpt2": dict(n_embd=32, n_layer=2, n_head=2, n_inner=48, n_positions=128),
-        "opt": dict(hidden_size=32, ffn_dim=48, num_hidden_layers=2, num_attention_heads=2, word_embed_proj_dim=32,
-                    max_position_embeddings=128),
-        "phi": dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=2,
-                    max_position_embeddings=128),
+        "gpt2": {"n_embd": 32, "n_layer": 2, "n_head": 2, "n_inner": 48, "n_positions": 128},
+        "opt": {"hidden_size": 32, "ffn_dim": 48, "num_hidden_layers": 2, "num_attention_heads": 2,
+                "word_embed_proj_dim": 32, "max_position_embeddings": 128},
+        "phi": {"hidden_size": 32, "intermediate_size": 48, "num_hidden_layers": 2, "num_attention_heads": 2,
+                "max_position_embeddings": 128},
     }
-    kwargs = per_type.get(model_type, dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                                           num_attention_heads=2, num_key_value_heads=1, head_dim=16,
-                                           max_position_embeddings=128))
+    kwargs = per_type.get(model_type, {"hidden_size": 32, "intermediate_size": 48, "num_hidden_layers": 2,
+                                       "num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 16,
+                                       "max_position_embeddings": 128})
     return AutoConfig.for_model(model_type, **common, **kwargs)
 
 

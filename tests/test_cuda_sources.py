@@ -11,7 +11,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-import torch.utils.cpp_extension as cpp_extension
+from torch.utils import cpp_extension
 
 CSRC = Path(__file__).resolve().parents[1] / "csrc"
 CUDA_HOME = os.environ.get("CUDA_HOME", "/usr/local/cuda")

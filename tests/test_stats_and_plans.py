@@ -87,8 +87,8 @@ def test_plan_json_round_trip(tmp_path):
     assert loaded.kept == plan.kept and loaded.widths == plan.widths and loaded.policy == {"metric": "l1"}
 
 
-@pytest.mark.parametrize("kwargs", [dict(ratio=1.0), dict(ratio=-0.1), dict(threshold=1.5), dict(),
-                                    dict(ratio=0.2, threshold=0.1), dict(ratio=0.2, multiple=0)])
+@pytest.mark.parametrize("kwargs", [{"ratio": 1.0}, {"ratio": -0.1}, {"threshold": 1.5}, {},
+                                    {"ratio": 0.2, "threshold": 0.1}, {"ratio": 0.2, "multiple": 0}])
 def test_bad_policy_refused(kwargs):
     with pytest.raises(minigpt.MiniGPTError):
         plan_from_scores(_scores(), **kwargs)
