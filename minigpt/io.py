@@ -185,7 +185,7 @@ def load_model(
             raise
         raise MiniGPTError(f"cannot load model from {path}: corrupted weights ({str(err).splitlines()[0]})") from err
     model.name_or_path = str(path)
-    return (model if device_map is not None else model.to(device)).eval(), tokenizer
+    return (model if device_map is not None and path.is_dir() else model.to(device)).eval(), tokenizer
 
 
 def save_model(model, tokenizer, out: str | os.PathLike) -> None:

@@ -163,7 +163,7 @@ class CalibrationStats:
         try:
             with safe_open(str(path), framework="pt") as f:
                 header = json.loads((f.metadata() or {})["minigpt"])
-                tensors = {k: f.get_tensor(k) for k in f.keys()}
+                tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is not iterable)
             n = header["fingerprint"]["num_layers"]
             per_layer = {
                 name: [tensors[f"layers.{i}.{name}"] for i in range(n)]
