@@ -97,6 +97,10 @@ def build_parser() -> argparse.ArgumentParser:
     from minigpt import finetune
 
     finetune.add_parser(sub)
+    from minigpt import experiment, mcq
+
+    experiment.add_parser(sub)
+    mcq.add_parser(sub)
     return parser
 
 
