@@ -35,7 +35,7 @@ def model_dir(tmp_path_factory, tiny_tokenizer):
     return save_model(tiny_model("llama"), tiny_tokenizer, tmp_path_factory.mktemp("resume") / "model")
 
 
-def _kill_after_checkpoints(cmd: list[str], checkpoint, out, settle: float = 0.5) -> CalibrationStats:
+def _kill_after_checkpoints(cmd: list[str], checkpoint, out, settle: float = 0.2) -> CalibrationStats:
     """Start ``cmd``, SIGKILL it (and its workers) ``settle`` s after its first checkpoint; the checkpoint."""
     proc = subprocess.Popen(cmd, env=worker_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 240
