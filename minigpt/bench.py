@@ -323,7 +323,7 @@ def format_table(report: dict) -> str:
     for m in models:
         decode = [f"{d['tokens_per_s']:.1f} ({d['tokens_per_s_q1']:.1f}–{d['tokens_per_s_q3']:.1f})"
                   for d in (m["decode"][str(b)] for b in batches)]
-        rows.append([m["spec"], f"{m['params']['total']:,}", f"{m['params']['mlp']:,}", _mib(m["weight_bytes"])]
+        rows.append([_label(m), f"{m['params']['total']:,}", f"{m['params']['mlp']:,}", _mib(m["weight_bytes"])]
                     + [_ms(m["prefill"][str(n)]) for n in lengths] + decode + [_ms(m["generate"])]
                     + [_mib(m["memory"][p][f"{mem}_bytes"]) for p in ("prefill", "generate")])
     rel_head = (["model", "params", "weights"] + [f"prefill {n}" for n in lengths] + [f"decode b{b}" for b in batches]
@@ -331,7 +331,7 @@ def format_table(report: dict) -> str:
     rel_rows = []
     for m in models:
         r = m["relative"]
-        rel_rows.append([m["spec"], f"{0.0 - r['params_saving_pct']:+.1f}%", f"{0.0 - r['weight_bytes_saving_pct']:+.1f}%"]
+        rel_rows.append([_label(m), f"{0.0 - r['params_saving_pct']:+.1f}%", f"{0.0 - r['weight_bytes_saving_pct']:+.1f}%"]
                         + [f"×{r['prefill_speedup'][str(n)]:.2f}" for n in lengths]
                         + [f"×{r['decode_speedup'][str(b)]:.2f}" for b in batches] + [f"×{r['generate_speedup']:.2f}"]
                         + [f"{0.0 - r['memory_saving_pct'][p][f'{mem}_bytes']:+.1f}%" for p in ("prefill", "generate")])
@@ -347,6 +347,12 @@ def _markdown(head: list[str], rows: list[list[str]]) -> str:
                      + ["| " + " | ".join(r) + " |" for r in rows])
 
 
+def _label(model: dict) -> str:
+    """A model's name in tables and plots: its spec, with a saved directory's path shortened to its name."""
+    base, at, pruning = model["spec"].partition("@")
+    return Path(base).name + at + pruning
+
+
 def plot(report: dict, path: str | Path) -> None:
     """A PNG: weight memory, prefill latency by prompt length, decode tokens/s by batch, peak memory by phase."""
     import matplotlib
@@ -355,7 +361,7 @@ def plot(report: dict, path: str | Path) -> None:
     import matplotlib.pyplot as plt
 
     meta, models = report["meta"], report["models"]
-    names = [m["spec"] for m in models]
+    names = [_label(m) for m in models]
     mem = "peak" if meta["device"].startswith("cuda") else "increase"
     fig, ax = plt.subplots(2, 2, figsize=(12, 8))
     ax[0, 0].bar(names, [m["weight_bytes"] / 2**20 for m in models], color=[f"C{i}" for i in range(len(models))])
@@ -364,7 +370,7 @@ def plot(report: dict, path: str | Path) -> None:
         lengths = meta["prompt_lengths"]
         p = [m["prefill"][str(n)] for n in lengths]
         err = [[s["median_ms"] - s["q1_ms"] for s in p], [s["q3_ms"] - s["median_ms"] for s in p]]
-        ax[0, 1].errorbar(lengths, [s["median_ms"] for s in p], yerr=err, marker="o", capsize=3, label=m["spec"])
+        ax[0, 1].errorbar(lengths, [s["median_ms"] for s in p], yerr=err, marker="o", capsize=3, label=_label(m))
     ax[0, 1].set(title="prefill latency, batch 1 (median, IQR)", xlabel="prompt tokens", ylabel="ms")
     ax[0, 1].legend(fontsize=8)
     _grouped(ax[1, 0], models, [f"b{b}" for b in meta["batch_sizes"]],
@@ -385,7 +391,7 @@ def _grouped(ax, models: list[dict], groups: list[str], values) -> None:
     """Bars of ``values(model)`` (one per group), models side by side within each group."""
     width = 0.8 / len(models)
     for i, m in enumerate(models):
-        ax.bar([g + i * width for g in range(len(groups))], values(m), width, label=m["spec"])
+        ax.bar([g + i * width for g in range(len(groups))], values(m), width, label=_label(m))
     ax.set_xticks([g + 0.4 - width / 2 for g in range(len(groups))], groups)
     ax.legend(fontsize=8)
 
