@@ -35,8 +35,11 @@ def prune(
     Give a ready ``pruning_plan``, or ``stats`` (checked against the model), or ``data`` to calibrate on
     (``calibration`` holds ``calibrate`` keyword arguments); weight-only metrics and ``random`` need neither.
     ``selectivity`` also needs ``reference`` statistics or ``reference_data`` to calibrate them on.
-    ``ratio=0.2`` removes 20 % of every layer's neurons; ``reverse`` removes the highest-scoring ones.
+    ``ratio=0.2`` removes 20 % of every layer's neurons (``ratio=0`` none, without calibrating); ``reverse`` removes
+    the highest-scoring ones.
     """
+    if pruning_plan is None and ratio == 0 and threshold is None and stats is None:
+        metric = "random"  # ratio 0 removes nothing whatever the scores: no calibration needed (vocabulary-only runs)
     if pruning_plan is None:
         if metric == "selectivity" and reference is None:
             if reference_data is None:

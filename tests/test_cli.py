@@ -157,3 +157,12 @@ def test_vocab_counted_by_tokenizer_alone_with_min_size(model_dir, corpus_dir, t
     assert code == 0
     report = json.loads((out / "minigpt_report.json").read_text())
     assert 480 <= report["vocab"]["vocab_kept"] < 512 and report["vocab"]["vocab_kept"] % 8 == 0
+
+
+def test_vocabulary_only_prune_needs_no_calibration(model_dir, corpus_dir, tmp_path, capsys):
+    out = tmp_path / "vocab-only"
+    code, text, _ = _run(capsys, "prune", "--model", model_dir, "--data", corpus_dir, "--ratio", "0", "--vocab",
+                         "--vocab-tokens", "2048", "--out", out, "--no-eval")
+    assert code == 0 and "removed 0.0% of MLP neurons" in text
+    report = json.loads((out / "minigpt_report.json").read_text())
+    assert report["plan"]["tokens"] == 0 and report["kept_widths"] == [48, 48]  # no calibration pass ran
