@@ -5,8 +5,8 @@ uses the other domains' merged statistics as its reference. Each cell (``<domain
 or ``.../t<threshold>``) prunes a copy of the base model, measures its relative size, held-out perplexity
 (on every domain for cells matching ``--cross``), cloze MCQ accuracy (``--mcq`` cells) and, for ``--finetune``
 cells, recovery fine-tuning to the base model's perplexity. A finished cell is written to ``cells/`` at once
-and skipped when the sweep is run again, so an interrupted sweep resumes where it stopped; ``results.md``,
-``results.json`` and the plots are rewritten from the cells.
+and skipped when the sweep is run again, so an interrupted sweep resumes where it stopped (changed fine-tuning
+settings redo only the fine-tunes); ``results.md``, ``results.json`` and the plots are rewritten from the cells.
 """
 
 from __future__ import annotations
@@ -86,10 +86,11 @@ class Experiment:
     def __init__(self, out: str | Path, settings: Settings, progress: bool = True):
         self.out, self.settings, self.progress = Path(out), settings, progress
         saved = self.out / "settings.json"
-        if saved.exists():
+        if saved.exists():  # fine-tuning settings may change: cells fine-tuned otherwise are fine-tuned again
             old = json.loads(saved.read_text())
-            if old != json.loads(json.dumps(asdict(settings))):
-                diff = {k: (old.get(k), v) for k, v in asdict(settings).items() if old.get(k) != v}
+            new = json.loads(json.dumps(asdict(settings)))
+            diff = {k: (old.get(k), v) for k, v in new.items() if old.get(k) != v and k != "finetune"}
+            if diff:
                 raise MiniGPTError(f"{self.out} holds a sweep with other settings {diff}; use a new --out")
         self._write("settings.json", asdict(settings))
         self._model = self._tokenizer = None
@@ -201,7 +202,9 @@ class Experiment:
         result = json.loads(path.read_text()) if path.exists() else {}
         todo_eval = [d for d in (self.settings.domains if cross else [cell.domain])
                      if d not in result.get("perplexity", {})]
-        needs = todo_eval or (mcq and "mcq" not in result) or (finetune and "finetune" not in result)
+        requested = json.loads(json.dumps(self.settings.finetune))
+        finetune = finetune and result.get("finetune", {}).get("requested") != requested
+        needs = todo_eval or (mcq and "mcq" not in result) or finetune
         if not needs:
             return result
         start = time.perf_counter()
@@ -219,7 +222,7 @@ class Experiment:
             result["mcq"] = self.mcq(model, cell.domain)
         result["seconds"] = round(result.get("seconds", 0) + time.perf_counter() - start, 1)
         self._write(path.relative_to(self.out), result)
-        if finetune and "finetune" not in result:
+        if finetune:
             from minigpt.finetune import finetune as run_finetune
 
             s = self.settings
@@ -229,7 +232,7 @@ class Experiment:
                                   seed=s.seed, progress=self.progress, **s.finetune)
             if mcq:
                 report["mcq"] = self.mcq(model, cell.domain)
-            result["finetune"] = report
+            result["finetune"] = {**report, "requested": requested}
             self._write(path.relative_to(self.out), result)
         return result
 
@@ -410,6 +413,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--ft-batch-size", type=int, default=4)
     p.add_argument("--ft-lr", type=float, default=5e-5)
     p.add_argument("--ft-train-tokens", type=int, help="fine-tuning set size, cycled (default: whole corpus)")
+    p.add_argument("--ft-patience", type=int, default=2, help="rising evaluations that mean over-fitting")
     p.add_argument("--report-only", action="store_true", help="rewrite the table and plots from finished cells")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=run)
@@ -421,7 +425,8 @@ def run(args) -> None:
                         eval_tokens=args.eval_tokens, mcq_questions=args.mcq_questions, seed=args.seed,
                         finetune={"max_steps": args.ft_max_steps, "eval_every": args.ft_eval_every,
                                   "seq_len": args.ft_seq_len, "batch_size": args.ft_batch_size,
-                                  "learning_rate": args.ft_lr, "train_tokens": args.ft_train_tokens})
+                                  "learning_rate": args.ft_lr, "train_tokens": args.ft_train_tokens,
+                                  "patience": args.ft_patience})
     exp = Experiment(args.out, settings, progress=not args.no_progress)
     if not args.report_only:
         cells = grid(args.domains, args.methods, args.ratios, args.thresholds, args.reverse, args.threshold_methods)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import itertools
 import logging
 import math
+import random
 import tempfile
 import time
 
@@ -27,17 +28,30 @@ log = logging.getLogger("minigpt")
 class TokenStream(torch.utils.data.IterableDataset):
     """Endless packed training sequences ``{"input_ids": (S,), "labels": (S,)}``, restarting at each pass.
 
-    ``pass_tokens``: tokens in one pass over the fine-tuning set, known once a pass has completed.
+    Each pass yields every sequence of the fine-tuning set once, in a seeded random order within a buffer of
+    ``shuffle_buffer`` sequences (consecutive sequences of one file would otherwise fill whole batches).
+    ``pass_tokens``: tokens in one pass, known once a pass has completed (or from ``max_tokens``).
     """
 
-    def __init__(self, tokenizer, files, seq_len: int, max_tokens: int | None, seed: int = 0):
+    def __init__(self, tokenizer, files, seq_len: int, max_tokens: int | None, seed: int = 0,
+                 shuffle_buffer: int = 256):
         self.batches = Batches(tokenizer, files, seq_len=seq_len, batch_size=1, max_tokens=max_tokens, seed=seed)
         self.pass_tokens = None if max_tokens is None else self.batches.max_sequences * seq_len
+        self.shuffle_buffer, self.rng = max(1, shuffle_buffer), random.Random(seed)
+
+    def _shuffled(self, sequences):
+        buffer = []
+        for seq in sequences:
+            buffer.append(seq)
+            if len(buffer) >= self.shuffle_buffer:
+                yield buffer.pop(self.rng.randrange(len(buffer)))
+        self.rng.shuffle(buffer)
+        yield from buffer
 
     def __iter__(self):
         while True:
             n = 0
-            for seq in self.batches.sequences():
+            for seq in self._shuffled(self.batches.sequences()):
                 n += 1
                 ids = torch.tensor(seq, dtype=torch.long)
                 yield {"input_ids": ids, "labels": ids}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -12,7 +13,8 @@ import minigpt
 from minigpt import adapters
 from minigpt.cli import main
 from minigpt.evaluation import perplexity
-from minigpt.finetune import finetune, overfitting
+from minigpt.data import Batches
+from minigpt.finetune import TokenStream, finetune, overfitting
 
 SMALL = {"seq_len": 64, "batch_size": 4, "eval_tokens": 512, "eval_seq_len": 128, "progress": False}
 
@@ -46,6 +48,16 @@ def test_stops_at_target(tiny_tokenizer, split):
     assert report["epochs"] is None  # the whole corpus was not gone through once
     untouched = finetune(tiny_model("llama"), tiny_tokenizer, *split, target=2 * base, **SMALL)
     assert untouched["steps"] == 0 and untouched["recovered"]
+
+
+def test_token_stream_passes_are_shuffled_permutations(tiny_tokenizer, split):
+    files = [Path(f) for f in split[0]]
+    plain = list(Batches(tiny_tokenizer, files, seq_len=32, batch_size=1, max_tokens=1024).sequences())
+    stream = iter(TokenStream(tiny_tokenizer, files, 32, 1024, shuffle_buffer=8))
+    passes = [[next(stream)["input_ids"].tolist() for _ in plain] for _ in range(2)]
+    for p in passes:
+        assert sorted(p) == sorted(plain) and p != plain
+    assert passes[0] != passes[1]
 
 
 def test_overfitting_rule():
