@@ -12,8 +12,8 @@ from conftest import tiny_model
 import minigpt
 from minigpt import adapters
 from minigpt.cli import main
-from minigpt.evaluation import perplexity
 from minigpt.data import Batches
+from minigpt.evaluation import perplexity
 from minigpt.finetune import TokenStream, finetune, overfitting
 
 SMALL = {"seq_len": 64, "batch_size": 4, "eval_tokens": 512, "eval_seq_len": 128, "progress": False}
