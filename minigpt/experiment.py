@@ -172,7 +172,7 @@ class Experiment:
 
         path = self.out / "base.json"
         done = json.loads(path.read_text()) if path.exists() else {}
-        entry = done.get(domain, {})
+        entry = dict(done.get(domain, {}))
         if "perplexity" not in entry:
             entry.update(self.perplexity(self.model, domain), params=parameter_counts(self.model))
         if mcq and "mcq" not in entry:
@@ -241,6 +241,8 @@ class Experiment:
         from tqdm.auto import tqdm
 
         results = []
+        for domain in dict.fromkeys(c.domain for c in cells):  # the unpruned model first
+            self.base(domain, mcq=any(c.matches(list(mcq)) for c in cells if c.domain == domain))
         with tqdm(cells, desc="sweep", unit="cell", disable=not self.progress) as bar:
             for i, cell in enumerate(bar, 1):
                 bar.set_postfix_str(cell.id)
@@ -279,7 +281,8 @@ def _name(c: dict) -> str:
 
 
 def _chain(*values, fmt: str) -> str:
-    return " → ".join(format(v, fmt) for v in values if v is not None)
+    """``a → b → c`` of the given values; perplexities of 10⁴ and more in ``.3g`` (a collapsed model)."""
+    return " → ".join(format(v, ".3g" if fmt == ".3f" and v >= 1e4 else fmt) for v in values if v is not None)
 
 
 def markdown(report: dict) -> str:
@@ -303,7 +306,7 @@ def markdown(report: dict) -> str:
             lines.append(f"| {domain} | {_name(c)} | {policy} | {100 * cell['removed_fraction']:.1f}% "
                          f"| {cell['relative_size_pct']:.1f}% "
                          f"| {_chain(b.get('perplexity'), pruned, ft.get('perplexity_after'), fmt='.3f')} "
-                         f"| ×{pruned / b['perplexity']:.2f} | {mcq} | {recovery} |")
+                         f"| ×{pruned / b['perplexity']:.3g} | {mcq} | {recovery} |")
     matrix = cross_matrix(report)
     for key, rows in matrix.items():
         lines += ["", f"Cross-domain ({key}): perplexity on the column's held-out text, (× that domain's base)", "",

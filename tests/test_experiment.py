@@ -64,6 +64,7 @@ def test_sweep_writes_table_matrix_plots_and_resumes(setup, capsys):
     assert "Cross-domain (l1/r0.25)" in md and "| algo | " in md.split("Cross-domain")[1]
     report = json.loads((out / "results.json").read_text())
     assert len(report["cells"]) == 12 and set(report["base"]) == {"algo", "text"}
+    assert all(b["mcq"]["total"] == 4 for b in report["base"].values())
     assert (out / "perplexity_vs_size.png").stat().st_size > 1000 and (out / "cross_domain.png").exists()
 
     # resume: finished cells are not redone; a missing one is
