@@ -120,8 +120,8 @@ def _load(args):
 
 
 def _calibration_kwargs(args) -> dict:
-    return dict(max_tokens=args.max_tokens, seq_len=args.seq_len, batch_size=args.batch_size,
-                text_field=args.text_field, progress=not args.no_progress)
+    return {"max_tokens": args.max_tokens, "seq_len": args.seq_len, "batch_size": args.batch_size,
+            "text_field": args.text_field, "progress": not args.no_progress}
 
 
 def _eval(model, tokenizer, args, reference_params=None) -> dict:

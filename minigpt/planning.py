@@ -15,6 +15,7 @@ import json
 import math
 import os
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import torch
 
@@ -63,7 +64,7 @@ class PruningPlan:
     @classmethod
     def load(cls, path: str | os.PathLike) -> PruningPlan:
         try:
-            raw = json.loads(open(path).read())
+            raw = json.loads(Path(path).read_text())
             plan = cls(kept=raw["kept"], widths=raw["widths"], fingerprint=raw.get("fingerprint", {}),
                        policy=raw.get("policy", {}), vocab=raw.get("vocab"))
         except (OSError, ValueError, KeyError, TypeError) as err:
@@ -120,10 +121,10 @@ def plan_from_scores(
     if threshold is not None:
         counts = [int((s >= threshold).sum()) for s in norm]
     elif scope == "uniform":
-        counts = [w - int(round(ratio * w)) for w in widths]
+        counts = [w - round(ratio * w) for w in widths]
     else:
         flat = torch.cat(norm)
-        dropped = torch.sort(flat, stable=True).indices[: int(round(ratio * flat.numel()))]
+        dropped = torch.sort(flat, stable=True).indices[: round(ratio * flat.numel())]
         layer_of = torch.repeat_interleave(torch.arange(len(widths)), torch.tensor(widths))
         counts = [w - int(d) for w, d in zip(widths, torch.bincount(layer_of[dropped], minlength=len(widths)))]
     floors = [max(1, math.ceil(min_keep * w)) for w in widths]
