@@ -68,3 +68,12 @@ def smollm2():
     from minigpt.io import load_model
 
     return load_model()
+
+
+@pytest.fixture
+def one_thread():
+    """Torch on one thread in this process: OpenMP's spinning threads crawl on a shared two-core machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

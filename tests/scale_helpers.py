@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import random
@@ -51,17 +50,6 @@ def aligned_tokens(root: Path) -> int:
     texts = [p.read_text() for p in root.glob("*.txt")]
     texts += [json.loads(line)["text"] for line in (root / "rest.jsonl").read_text().splitlines()]
     return sum(len(t.split()) + 1 for t in texts)
-
-
-@contextlib.contextmanager
-def one_thread():
-    """Torch on one thread in this process: OpenMP's spinning threads crawl on a shared two-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(n)
 
 
 def worker_env() -> dict:

@@ -12,7 +12,7 @@ import time
 import pytest
 import torch
 from conftest import tiny_model
-from scale_helpers import minigpt, one_thread, run, save_model, worker_env
+from scale_helpers import minigpt, run, save_model, worker_env
 
 from minigpt.cli import main
 from minigpt.stats import CalibrationStats
@@ -20,10 +20,7 @@ from minigpt.stats import CalibrationStats
 CAL = ("--seq-len", "32", "--max-tokens", "128", "--no-progress")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    with one_thread():
-        yield
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,6 @@ import argparse
 import json
 
 import pytest
-import torch
 
 from minigpt import bench
 from minigpt.errors import MiniGPTError
@@ -14,13 +13,7 @@ from minigpt.errors import MiniGPTError
 SMALL = {"prompt_lengths": [8, 16], "decode_tokens": 2, "batch_sizes": [1, 2], "repeats": 2, "warmup": 0}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models run fastest, and steadiest on a shared CI machine, on one thread."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models run fastest and steadiest on one thread
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,6 @@ from scale_helpers import (
     aligned_corpus,
     aligned_tokens,
     assert_stats_equal,
-    one_thread,
     run,
     save_model,
     torchrun,
@@ -21,10 +20,7 @@ from minigpt.stats import CalibrationStats
 ARGS = ("--seq-len", SEQ_LEN, "--batch-size", 2, "--max-tokens", 10**9, "--no-progress")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    with one_thread():
-        yield
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

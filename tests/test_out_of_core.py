@@ -8,16 +8,12 @@ import sys
 import pytest
 import torch
 from conftest import tiny_model
-from scale_helpers import one_thread, run
+from scale_helpers import run
 
 from minigpt.cli import main
 from minigpt.io import load_model
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    with one_thread():
-        yield
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _same_weights(a_dir, b_dir) -> None:

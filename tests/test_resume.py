@@ -13,7 +13,6 @@ from scale_helpers import (
     assert_stats_equal,
     kill_tree,
     minigpt,
-    one_thread,
     run,
     save_model,
     torchrun,
@@ -23,11 +22,7 @@ from scale_helpers import (
 from minigpt.cli import main
 from minigpt.stats import CalibrationStats
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    with one_thread():
-        yield
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
