@@ -416,7 +416,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--ft-batch-size", type=int, default=4)
     p.add_argument("--ft-lr", type=float, default=5e-5)
     p.add_argument("--ft-train-tokens", type=int, help="fine-tuning set size, cycled (default: whole corpus)")
-    p.add_argument("--ft-patience", type=int, default=2, help="rising evaluations that mean over-fitting")
+    p.add_argument("--ft-patience", type=int, default=2,
+                   help="evaluations without improvement (or rising while the training loss falls) before stopping")
     p.add_argument("--report-only", action="store_true", help="rewrite the table and plots from finished cells")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=run)

@@ -4,7 +4,8 @@ Training sequences stream from the domain corpus (``data.Batches``, packed, no p
 fine-tuning set of ``train_tokens`` (default: the whole corpus). Every ``eval_every`` optimiser steps the held-out
 perplexity (``evaluation.perplexity``) is measured; training stops when it is at or below ``target``, when it
 over-fits (held-out perplexity rose at each of the last ``patience`` evaluations while the mean training loss
-fell), or after ``max_steps``. On over-fitting the weights of the best evaluation are restored.
+fell), when it stalls (none of the last ``patience`` evaluations beat the best before them), or after
+``max_steps``. The model ends with the weights of its best evaluation.
 """
 
 from __future__ import annotations
@@ -67,6 +68,13 @@ def overfitting(history: list[dict], patience: int) -> bool:
     return all(b["perplexity"] > a["perplexity"] and b["train_loss"] < a["train_loss"] for a, b in itertools.pairwise(tail))
 
 
+def stalled(history: list[dict], patience: int) -> bool:
+    """True when none of the last ``patience`` evaluations beat the best perplexity before them."""
+    if patience < 1 or len(history) < patience + 1:
+        return False
+    return min(h["perplexity"] for h in history[-patience:]) >= min(h["perplexity"] for h in history[:-patience])
+
+
 def _recovery_callback(evaluate, target, eval_every, patience, tokens_per_step, history, best, progress):
     """A ``TrainerCallback`` that evaluates on a schedule and stops on target, over-fitting (see module doc)."""
     from tqdm.auto import tqdm
@@ -105,6 +113,9 @@ def _recovery_callback(evaluate, target, eval_every, patience, tokens_per_step, 
             elif overfitting(history, patience):
                 control.should_training_stop = True
                 entry["stop"] = "overfitting"
+            elif stalled(history, patience):
+                control.should_training_stop = True
+                entry["stop"] = "stalled"
             return control
 
     return Recovery()
@@ -183,13 +194,13 @@ def finetune(
             for printer in (PrinterCallback, ProgressCallback):  # our callback shows progress, not every log
                 trainer.remove_callback(printer)
             trainer.train()
-        if history[-1].get("stop") == "overfitting":
+        if best and best["perplexity"] < history[-1]["perplexity"]:  # over-fitted, stalled or worse at the end
             model.load_state_dict(best["state"])
         if gradient_checkpointing:
             model.gradient_checkpointing_disable()
     model.eval()
     last = history[-1]
-    final = best if last.get("stop") == "overfitting" else last
+    final = best if best and best["perplexity"] < last["perplexity"] else last
     steps = last["step"]
     return {
         "recovered": target is not None and final["perplexity"] <= target,
@@ -233,7 +244,8 @@ def add_parser(subparsers):
     p.add_argument("--train-tokens", type=int, help="size of the fine-tuning set, cycled (default: whole corpus)")
     p.add_argument("--eval-tokens", type=int, default=4096)
     p.add_argument("--eval-seq-len", type=int, default=512)
-    p.add_argument("--patience", type=int, default=2, help="rising evaluations that mean over-fitting")
+    p.add_argument("--patience", type=int, default=2,
+                   help="evaluations without improvement (or rising while the training loss falls) before stopping")
     p.add_argument("--gradient-checkpointing", action="store_true")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.add_argument("--no-progress", action="store_true")

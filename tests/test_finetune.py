@@ -14,7 +14,7 @@ from minigpt import adapters
 from minigpt.cli import main
 from minigpt.data import Batches
 from minigpt.evaluation import perplexity
-from minigpt.finetune import TokenStream, finetune, overfitting
+from minigpt.finetune import TokenStream, finetune, overfitting, stalled
 
 SMALL = {"seq_len": 64, "batch_size": 4, "eval_tokens": 512, "eval_seq_len": 128, "progress": False}
 
@@ -67,6 +67,13 @@ def test_overfitting_rule():
     assert not overfitting([start, h(5, 3.0), h(6, 2.0), h(7, 1.0)], patience=3)
     assert not overfitting([start, h(5, 3.0), h(6, 2.0), h(5.5, 1.0)], patience=2)  # perplexity fell again
     assert not overfitting([start, h(5, 3.0), h(6, 3.5), h(7, 4.0)], patience=2)  # training loss rose too
+
+
+def test_stalled_rule():
+    h = lambda p: {"perplexity": p, "train_loss": 1.0}
+    assert stalled([h(9.0), h(5.0), h(6.0), h(5.5)], patience=2)  # neither 6.0 nor 5.5 beats 5.0
+    assert not stalled([h(9.0), h(5.0), h(6.0), h(4.9)], patience=2)  # 4.9 does
+    assert not stalled([h(9.0), h(5.0), h(6.0), h(5.5)], patience=3)  # 5.0 is within the last three
 
 
 def test_overfitting_stops_and_restores_best(tiny_tokenizer, split):
