@@ -100,7 +100,7 @@ def _launch_group(srcs: list[torch.Tensor], outs: list[torch.Tensor], idx: list[
 def gather(srcs: list[torch.Tensor], indices: list[torch.Tensor], dims: list[int]) -> list[torch.Tensor]:
     """For each i, ``srcs[i].index_select(dims[i], indices[i])`` as a new contiguous tensor.
 
-    srcs: 2-D tensors (any dtype); indices: 1-D integer tensors (any device), assumed in range (not checked);
+    srcs: 2-D tensors (any dtype); indices: 1-D integer tensors (any device) in [0, size along dim) (IndexError otherwise);
     dims: 0 (rows) or 1 (columns). One launch per (device, element size, dim) group.
     """
     if not (len(srcs) == len(indices) == len(dims)):
@@ -111,6 +111,8 @@ def gather(srcs: list[torch.Tensor], indices: list[torch.Tensor], dims: list[int
             raise ValueError(f"gather needs 2-D sources and dims in {{0, 1}}, got {tuple(s.shape)} along {d}")
         d %= 2
         i = i.to(device=s.device, dtype=torch.int64).reshape(-1)
+        if i.numel() and (i.min() < 0 or i.max() >= s.shape[d]):
+            raise IndexError(f"gather index out of range [0, {s.shape[d]}) along dim {d}")
         out = torch.empty(
             (i.numel(), s.shape[1]) if d == 0 else (s.shape[0], i.numel()), dtype=s.dtype, device=s.device
         )

@@ -216,6 +216,21 @@ def test_token_histogram_padding_only_and_empty(kernels):
     _check_histogram(kernels, ids[:0], [None], 50)
 
 
+def test_out_of_range_ids_and_indices_refused(kernels):
+    counts = torch.zeros(10, dtype=torch.int64, device=DEVICE)
+    for bad in (-1, 10):
+        with pytest.raises(ValueError, match="vocabulary"):
+            kernels.token_histogram(torch.tensor([0, bad, 2], device=DEVICE), None, counts)
+    assert not counts.any()  # refused before anything was added
+    masked = torch.tensor([True, False, True], device=DEVICE)  # an out-of-range id under a false mask is fine
+    kernels.token_histogram(torch.tensor([0, 99, 2], device=DEVICE), masked, counts)
+    assert counts.tolist() == [1, 0, 1] + [0] * 7
+    src = torch.zeros(4, 5, device=DEVICE)
+    for idx, dim in ((torch.tensor([0, 4]), 0), (torch.tensor([-1]), 1), (torch.tensor([5]), 1)):
+        with pytest.raises(IndexError, match="out of range"):
+            kernels.gather([src], [idx], [dim])
+
+
 def test_token_histogram_large_vocab(kernels):
     vocab = 262_144
     ids = torch.randint(0, vocab, (1500,), generator=_gen(6))
