@@ -107,15 +107,12 @@ def _recovery_callback(evaluate, target, eval_every, patience, tokens_per_step, 
                      entry["train_loss"])
             if entry["perplexity"] < best.get("perplexity", math.inf):
                 best.update(entry, state={k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()})
-            if target is not None and entry["perplexity"] <= target:
+            reached = target is not None and entry["perplexity"] <= target
+            stop = ("target" if reached else "overfitting" if overfitting(history, patience)
+                    else "stalled" if stalled(history, patience) else None)
+            if stop:
                 control.should_training_stop = True
-                entry["stop"] = "target"
-            elif overfitting(history, patience):
-                control.should_training_stop = True
-                entry["stop"] = "overfitting"
-            elif stalled(history, patience):
-                control.should_training_stop = True
-                entry["stop"] = "stalled"
+                entry["stop"] = stop
             return control
 
     return Recovery()
