@@ -227,9 +227,11 @@ class Experiment:
 
             s = self.settings
             corpus = s.corpora[cell.domain]
+            options = dict(s.finetune)
+            teacher = self.model if options.pop("distill", False) else None  # the unpruned model
             report = run_finetune(model, self.tokenizer, corpus["train"], corpus["heldout"],
                                   target=base["perplexity"], eval_tokens=s.eval_tokens, eval_seq_len=s.eval_seq_len,
-                                  seed=s.seed, progress=self.progress, **s.finetune)
+                                  seed=s.seed, progress=self.progress, teacher=teacher, **options)
             if mcq:
                 report["mcq"] = self.mcq(model, cell.domain)
             result["finetune"] = {**report, "requested": requested}
@@ -415,6 +417,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--ft-seq-len", type=int, default=256)
     p.add_argument("--ft-batch-size", type=int, default=4)
     p.add_argument("--ft-lr", type=float, default=5e-5)
+    p.add_argument("--ft-lr-scheduler", default="constant_with_warmup", help="e.g. cosine")
+    p.add_argument("--ft-distill", action="store_true", help="distil from the unpruned model (see minigpt finetune)")
+    p.add_argument("--ft-distill-alpha", type=float, default=0.5)
     p.add_argument("--ft-train-tokens", type=int, help="fine-tuning set size, cycled (default: whole corpus)")
     p.add_argument("--ft-patience", type=int, default=2,
                    help="evaluations without improvement (or rising while the training loss falls) before stopping")
@@ -430,7 +435,8 @@ def run(args) -> None:
                         finetune={"max_steps": args.ft_max_steps, "eval_every": args.ft_eval_every,
                                   "seq_len": args.ft_seq_len, "batch_size": args.ft_batch_size,
                                   "learning_rate": args.ft_lr, "train_tokens": args.ft_train_tokens,
-                                  "patience": args.ft_patience})
+                                  "patience": args.ft_patience, "lr_scheduler": args.ft_lr_scheduler,
+                                  "distill": args.ft_distill, "distill_alpha": args.ft_distill_alpha})
     exp = Experiment(args.out, settings, progress=not args.no_progress)
     if not args.report_only:
         cells = grid(args.domains, args.methods, args.ratios, args.thresholds, args.reverse, args.threshold_methods)

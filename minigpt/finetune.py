@@ -6,6 +6,10 @@ perplexity (``evaluation.perplexity``) is measured; training stops when it is at
 over-fits (held-out perplexity rose at each of the last ``patience`` evaluations while the mean training loss
 fell), when it stalls (none of the last ``patience`` evaluations beat the best before them), or after
 ``max_steps``. The model ends with the weights of its best evaluation.
+
+With a ``teacher`` (the unpruned model) the loss is knowledge distillation mixed with the language-model loss,
+``(1 - α)·CE(labels) + α·τ²·KL(softmax(teacher/τ) ‖ softmax(student/τ))`` per predicted token: the teacher's
+whole next-token distribution is a richer signal than the one observed token, so recovery needs fewer steps.
 """
 
 from __future__ import annotations
@@ -75,6 +79,47 @@ def stalled(history: list[dict], patience: int) -> bool:
     return min(h["perplexity"] for h in history[-patience:]) >= min(h["perplexity"] for h in history[:-patience])
 
 
+def distillation_loss(student_logits, teacher_logits, labels, alpha: float, temperature: float):
+    """``(1 - α)·CE + α·τ²·KL(teacher ‖ student)``, both averaged over the predicted tokens.
+
+    ``student_logits``/``teacher_logits``: (B, S, V); ``labels``: (B, S), positions 1.. are the targets of 0..S-2
+    (Hugging Face causal-LM convention, -100 ignored).
+    """
+    import torch.nn.functional as F
+
+    targets = labels[:, 1:]
+    mask = targets != -100
+    log_p = F.log_softmax(student_logits[:, :-1][mask].float(), -1)  # (N, V)
+    ce = F.nll_loss(log_p, targets[mask])
+    if alpha == 0:
+        return ce
+    if temperature != 1:
+        log_p = F.log_softmax(student_logits[:, :-1][mask].float() / temperature, -1)
+    teacher = F.log_softmax(teacher_logits[:, :-1][mask].float() / temperature, -1)
+    kl = F.kl_div(log_p, teacher, log_target=True, reduction="batchmean")
+    return (1 - alpha) * ce + alpha * temperature**2 * kl
+
+
+def _distillation_trainer(teacher, alpha: float, temperature: float):
+    """A ``Trainer`` class whose loss is ``distillation_loss`` against ``teacher`` (run in eval mode, no grad)."""
+    from transformers import Trainer
+
+    teacher.eval()
+
+    class DistillationTrainer(Trainer):
+        loss_is_scaled_for_ga = False  # a per-batch mean: the Trainer divides it by the accumulation steps
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            labels = inputs["labels"]
+            outputs = model(input_ids=inputs["input_ids"])
+            with torch.no_grad():
+                teacher_logits = teacher(input_ids=inputs["input_ids"]).logits
+            loss = distillation_loss(outputs.logits, teacher_logits, labels, alpha, temperature)
+            return (loss, outputs) if return_outputs else loss
+
+    return DistillationTrainer
+
+
 def _recovery_callback(evaluate, target, eval_every, patience, tokens_per_step, history, best, progress):
     """A ``TrainerCallback`` that evaluates on a schedule and stops on target, over-fitting (see module doc)."""
     from tqdm.auto import tqdm
@@ -134,6 +179,10 @@ def finetune(
     learning_rate: float = 5e-5,
     warmup_steps: int = 5,
     weight_decay: float = 0.0,
+    lr_scheduler: str = "constant_with_warmup",
+    teacher=None,
+    distill_alpha: float = 0.5,
+    distill_temperature: float = 1.0,
     eval_tokens: int = 4096,
     eval_seq_len: int = 512,
     patience: int = 2,
@@ -145,7 +194,9 @@ def finetune(
     """Fine-tune ``model`` (all parameters, in place) on ``data`` until held-out perplexity reaches ``target``.
 
     ``eval_data``: held-out corpus (default ``<data>-heldout`` for a built-in corpus name). ``bf16``: mixed
-    precision (default: on CUDA). Returns a report: ``recovered``, ``stop`` (target / overfitting / max_steps),
+    precision (default: on CUDA). ``lr_scheduler``: a ``transformers`` schedule name (``cosine`` decays to 0 at
+    ``max_steps``). ``teacher``: distil from this model (same vocabulary) with weight ``distill_alpha`` and
+    temperature ``distill_temperature`` (see module doc). Returns a report: ``recovered``, ``stop`` (target / overfitting / max_steps),
     ``steps``, ``tokens``, ``epochs`` (passes over the fine-tuning set), the evaluation ``history`` and ``best``.
     """
     from transformers import Trainer, TrainingArguments, default_data_collator
@@ -153,6 +204,14 @@ def finetune(
 
     if max_steps < 1 or eval_every < 1:
         raise MiniGPTError(f"max_steps and eval_every must be ≥ 1 (got {max_steps}, {eval_every})")
+    if not 0 <= distill_alpha <= 1 or distill_temperature <= 0:
+        raise MiniGPTError(f"distill_alpha must be in [0, 1] and distill_temperature > 0 "
+                           f"(got {distill_alpha}, {distill_temperature})")
+    if teacher is not None and teacher.get_output_embeddings().weight.shape[0] != \
+            model.get_output_embeddings().weight.shape[0]:
+        raise MiniGPTError(f"distillation needs the teacher's vocabulary: the model predicts "
+                           f"{model.get_output_embeddings().weight.shape[0]} tokens, the teacher "
+                           f"{teacher.get_output_embeddings().weight.shape[0]} (vocabulary-pruned models cannot distil)")
     files = resolve_files(data)
     if eval_data is None:
         name = data if isinstance(data, str) else None
@@ -178,7 +237,7 @@ def finetune(
         with tempfile.TemporaryDirectory(prefix="minigpt-finetune-") as tmp:
             args = TrainingArguments(
                 output_dir=tmp, per_device_train_batch_size=batch_size, gradient_accumulation_steps=grad_accum,
-                max_steps=max_steps, learning_rate=learning_rate, lr_scheduler_type="constant_with_warmup",
+                max_steps=max_steps, learning_rate=learning_rate, lr_scheduler_type=lr_scheduler,
                 warmup_steps=warmup_steps, weight_decay=weight_decay, logging_steps=1, save_strategy="no",
                 eval_strategy="no", report_to="none", bf16=bf16, use_cpu=not cuda, seed=seed,
                 activation_checkpointing=gradient_checkpointing, disable_tqdm=True,
@@ -186,7 +245,9 @@ def finetune(
             )
             callback = _recovery_callback(evaluate, target, eval_every, patience, tokens_per_step, history, best,
                                           progress)
-            trainer = Trainer(model=model, args=args, train_dataset=stream, data_collator=default_data_collator,
+            trainer_class = Trainer if teacher is None else _distillation_trainer(teacher, distill_alpha,
+                                                                                  distill_temperature)
+            trainer = trainer_class(model=model, args=args, train_dataset=stream, data_collator=default_data_collator,
                               callbacks=[callback])
             for printer in (PrinterCallback, ProgressCallback):  # our callback shows progress, not every log
                 trainer.remove_callback(printer)
@@ -213,8 +274,11 @@ def finetune(
         "seconds": round(time.perf_counter() - start, 1),
         "history": history,
         "settings": {"seq_len": seq_len, "batch_size": batch_size, "grad_accum": grad_accum,
-                     "learning_rate": learning_rate, "max_steps": max_steps, "eval_every": eval_every,
-                     "eval_tokens": eval_tokens, "train_tokens": train_tokens, "bf16": bf16},
+                     "learning_rate": learning_rate, "lr_scheduler": lr_scheduler, "max_steps": max_steps,
+                     "eval_every": eval_every, "eval_tokens": eval_tokens, "train_tokens": train_tokens,
+                     "bf16": bf16, "distill": teacher is not None,
+                     **({"distill_alpha": distill_alpha, "distill_temperature": distill_temperature}
+                        if teacher is not None else {})},
     }
 
 
@@ -238,6 +302,13 @@ def add_parser(subparsers):
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--grad-accum", type=int, default=1)
     p.add_argument("--lr", type=float, default=5e-5)
+    p.add_argument("--lr-scheduler", default="constant_with_warmup",
+                   help="transformers schedule name, e.g. cosine (decays to 0 at --max-steps)")
+    p.add_argument("--distill", action="store_true",
+                   help="knowledge distillation from the unpruned model (--target-model, default the source in "
+                        "minigpt_report.json), mixed with the language-model loss")
+    p.add_argument("--distill-alpha", type=float, default=0.5, help="weight of the distillation term (default 0.5)")
+    p.add_argument("--distill-temperature", type=float, default=1.0)
     p.add_argument("--train-tokens", type=int, help="size of the fine-tuning set, cycled (default: whole corpus)")
     p.add_argument("--eval-tokens", type=int, default=4096)
     p.add_argument("--eval-seq-len", type=int, default=512)
@@ -251,11 +322,12 @@ def add_parser(subparsers):
 
 
 def _target_model(args) -> str | None:
-    """``--target-model``, else the source of a pruned model's report (None when there is neither)."""
+    """``--target-model``, else the source of a pruned model's report (None when there is neither, or when a
+    numeric ``--target`` makes it unnecessary and no ``--distill`` needs it)."""
     import json
     from pathlib import Path
 
-    if args.target_model or args.target is not None or not args.model:
+    if args.target_model or (args.target is not None and not args.distill) or not args.model:
         return args.target_model
     report = Path(args.model) / "minigpt_report.json"
     return json.loads(report.read_text()).get("source") if report.exists() else None
@@ -280,14 +352,22 @@ def run(args) -> None:
     dtype = getattr(torch, args.dtype) if args.dtype != "auto" else torch.float32  # bf16 = mixed precision
     ppl = {"seq_len": args.eval_seq_len, "max_tokens": args.eval_tokens}
     target, source = args.target, _target_model(args)
+    if args.distill and source is None:
+        raise MiniGPTError("--distill needs the unpruned model: give --target-model (the model has no "
+                           "minigpt_report.json naming its source)")
+    teacher = None
     if source is not None:
         reference, ref_tok = load_model(source, dtype=dtype, device=device)
-        target = perplexity(reference, ref_tok, eval_data, **ppl)["perplexity"]
+        if target is None:
+            target = perplexity(reference, ref_tok, eval_data, **ppl)["perplexity"]
+        teacher = reference if args.distill else None
         del reference
     model, tokenizer = load_model(args.model, dtype=dtype, device=device)
     report = finetune(model, tokenizer, data, eval_data, target=target, max_steps=args.max_steps,
                       eval_every=args.eval_every, seq_len=args.seq_len, batch_size=args.batch_size,
                       grad_accum=args.grad_accum, train_tokens=args.train_tokens, learning_rate=args.lr,
+                      lr_scheduler=args.lr_scheduler, teacher=teacher, distill_alpha=args.distill_alpha,
+                      distill_temperature=args.distill_temperature,
                       eval_tokens=args.eval_tokens, eval_seq_len=args.eval_seq_len, patience=args.patience,
                       gradient_checkpointing=args.gradient_checkpointing, progress=not args.no_progress)
     report["target_model"] = str(source) if source else None

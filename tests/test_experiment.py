@@ -78,11 +78,12 @@ def test_sweep_writes_table_matrix_plots_and_resumes(setup, capsys):
     assert again[[r["id"] for r in again].index("text/random/r0.25")]["kept_widths"] == \
         by_id["text/random/r0.25"]["kept_widths"]
 
-    # other fine-tuning settings: only the fine-tuned cell is redone, with them
-    fewer = Settings(**{**settings.__dict__, "finetune": {**settings.finetune, "max_steps": 2}})
+    # other fine-tuning settings (distillation from the unpruned model): only the fine-tuned cell is redone
+    fewer = Settings(**{**settings.__dict__, "finetune": {**settings.finetune, "max_steps": 2, "distill": True}})
     stamps = {p.name: p.stat().st_mtime_ns for p in (out / "cells").iterdir()}
     redone = Experiment(out, fewer, progress=False).run(cells[:2], mcq=[], finetune=["algo/l1/r0.25"])
     assert redone[0]["finetune"]["requested"]["max_steps"] == 2 and redone[0]["finetune"]["steps"] <= 2
+    assert redone[0]["finetune"]["settings"]["distill"]
     after = {p.name: p.stat().st_mtime_ns for p in (out / "cells").iterdir()}
     assert {n for n in after if after[n] != stamps[n]} == {"algo__l1__r0.25.json"}
 

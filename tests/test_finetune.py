@@ -1,4 +1,5 @@
-"""Recovery fine-tuning on tiny models: loss falls, target and over-fitting stops, per-layer widths, the CLI."""
+"""Recovery fine-tuning on tiny models: loss falls, target and over-fitting stops, per-layer widths, distillation,
+the CLI."""
 
 from __future__ import annotations
 
@@ -14,7 +15,8 @@ from minigpt import adapters
 from minigpt.cli import main
 from minigpt.data import Batches
 from minigpt.evaluation import perplexity
-from minigpt.finetune import TokenStream, finetune, overfitting, stalled
+from minigpt.errors import MiniGPTError
+from minigpt.finetune import TokenStream, distillation_loss, finetune, overfitting, stalled
 
 SMALL = {"seq_len": 64, "batch_size": 4, "eval_tokens": 512, "eval_seq_len": 128, "progress": False}
 
@@ -122,3 +124,68 @@ def test_cli_finetune_reaches_source_perplexity(tiny_tokenizer, corpus_dir, tmp_
     reloaded, tok = minigpt.load_model(tuned)
     again = perplexity(reloaded, tok, heldout, seq_len=128, max_tokens=512)["perplexity"]
     assert again == pytest.approx(report["perplexity_after"], rel=1e-4)
+
+
+def test_distillation_loss_matches_its_definition():
+    torch.manual_seed(0)
+    student, teacher = torch.randn(2, 6, 11), torch.randn(2, 6, 11)
+    labels = torch.randint(0, 11, (2, 6))
+    labels[0, 3] = -100
+    targets = labels[:, 1:]
+    ce = torch.nn.functional.cross_entropy(student[:, :-1].reshape(-1, 11), targets.reshape(-1), ignore_index=-100)
+    assert torch.allclose(distillation_loss(student, teacher, labels, 0.0, 1.0), ce)
+    tau, mask = 2.0, targets != -100
+    p_teacher = (teacher[:, :-1][mask] / tau).softmax(-1)
+    kl = (p_teacher * (p_teacher.log() - (student[:, :-1][mask] / tau).log_softmax(-1))).sum(-1).mean()
+    assert torch.allclose(distillation_loss(student, teacher, labels, 0.3, tau), 0.7 * ce + 0.3 * tau**2 * kl)
+    assert distillation_loss(student, student, labels, 1.0, tau).abs() < 1e-6  # nothing to learn from itself
+
+
+def test_distillation_loss_is_the_models_own_loss_without_teacher(tiny_tokenizer):
+    model = tiny_model("llama")
+    ids = torch.randint(0, tiny_tokenizer.vocab_size, (2, 16))
+    out = model(input_ids=ids, labels=ids)
+    assert torch.allclose(distillation_loss(out.logits, out.logits, ids, 0.0, 1.0), out.loss, rtol=1e-6)
+
+
+def _kl_to(teacher, student, ids) -> float:
+    with torch.no_grad():
+        t, s = teacher(input_ids=ids).logits, student(input_ids=ids).logits
+    return torch.nn.functional.kl_div(s.log_softmax(-1), t.log_softmax(-1), log_target=True,
+                                      reduction="batchmean").item()
+
+
+def test_distillation_pulls_a_pruned_model_towards_its_teacher(tiny_tokenizer, split):
+    teacher = tiny_model("llama")
+    finetune(teacher, tiny_tokenizer, *split, max_steps=20, learning_rate=3e-3, **SMALL)
+    student, _ = minigpt.prune(tiny_model("llama", seed=1), tiny_tokenizer, metric="random", ratio=0.5)
+    ids = next(iter(Batches(tiny_tokenizer, [Path(split[1][0])], seq_len=64, batch_size=4)))
+    before, weights = _kl_to(teacher, student, ids), {k: v.clone() for k, v in teacher.state_dict().items()}
+    report = finetune(student, tiny_tokenizer, *split, teacher=teacher, distill_alpha=1.0, max_steps=16, eval_every=8,
+                      learning_rate=3e-3, lr_scheduler="cosine", **SMALL)
+    assert report["settings"]["distill"] and report["settings"]["lr_scheduler"] == "cosine"
+    after = _kl_to(teacher, student, ids)
+    assert after < 0.5 * before, before
+    assert all(torch.equal(v, weights[k]) for k, v in teacher.state_dict().items()) and not teacher.training
+
+
+def test_distillation_refuses_another_vocabulary(tiny_tokenizer, split):
+    teacher = tiny_model("llama")
+    student = tiny_model("llama")
+    student.resize_token_embeddings(student.config.vocab_size - 8)
+    with pytest.raises(MiniGPTError, match="teacher's vocabulary"):
+        finetune(student, tiny_tokenizer, *split, teacher=teacher, max_steps=2, **SMALL)
+    with pytest.raises(MiniGPTError, match="distill_alpha"):
+        finetune(student, tiny_tokenizer, *split, teacher=teacher, distill_alpha=1.5, max_steps=2, **SMALL)
+
+
+def test_cli_distill_needs_the_unpruned_model(tiny_tokenizer, corpus_dir, tmp_path, capsys):
+    src = tmp_path / "tiny"
+    tiny_model("llama").save_pretrained(src)
+    tiny_tokenizer.save_pretrained(src)
+    code = main(["finetune", "--model", str(src), "--data", str(corpus_dir / "heapq.py.txt"), "--eval-data",
+                 str(corpus_dir / "glob.py.txt"), "--out", str(tmp_path / "out"), "--target", "5", "--distill",
+                 "--no-progress"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "--distill needs the unpruned model" in err[0]
+    assert not (tmp_path / "out").exists()
