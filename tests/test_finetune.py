@@ -14,8 +14,8 @@ import minigpt
 from minigpt import adapters
 from minigpt.cli import main
 from minigpt.data import Batches
-from minigpt.evaluation import perplexity
 from minigpt.errors import MiniGPTError
+from minigpt.evaluation import perplexity
 from minigpt.finetune import TokenStream, distillation_loss, finetune, overfitting, stalled
 
 SMALL = {"seq_len": 64, "batch_size": 4, "eval_tokens": 512, "eval_seq_len": 128, "progress": False}
