@@ -188,6 +188,7 @@ def calibrate(
     backend: str = "auto",
     text_field: str = "text",
     seed: int | None = 0,
+    doc_tokens: int | None = None,
     progress: bool = True,
     checkpoint: str | os.PathLike | None = None,
     checkpoint_every: int | None = None,
@@ -196,7 +197,8 @@ def calibrate(
     """Collect per-neuron statistics of ``model`` over the corpus ``data`` (files, dirs or corpus names).
 
     Under ``torch.distributed`` each rank streams its own shard of the documents (``split_dataset_by_node``)
-    and calibrates on its part of ``max_tokens``; the statistics are all-reduced and every rank returns the
+    and calibrates on its part of ``max_tokens``; ``doc_tokens`` caps the tokens taken from each document
+    (``data.Batches``); the statistics are all-reduced and every rank returns the
     total. ``checkpoint``: a file rewritten atomically (by rank 0) every ``checkpoint_every`` tokens with the
     summed statistics and every rank's stream position; ``resume=True`` continues from it, ending with the
     statistics of an uninterrupted run. The caller deletes the checkpoint once the result is saved.
@@ -205,7 +207,7 @@ def calibrate(
     rank, world = distributed.rank_world()
     files = resolve_files(data)
     corpus = {"data": data if data else "stdlib", "files": len(files), "seq_len": seq_len,
-              "max_tokens": max_tokens, "seed": seed}
+              "max_tokens": max_tokens, "seed": seed, **({"doc_tokens": doc_tokens} if doc_tokens else {})}
     run = {**corpus, "files_hash": content_hash([(str(f), f.stat().st_size) for f in files]),
            "batch_size": batch_size, "text_field": text_field, "world_size": world}
     fp = fingerprint(model, tokenizer)
@@ -242,7 +244,8 @@ def calibrate(
     if not done[rank] and share != 0:
         batches = Batches(tokenizer, files, seq_len=seq_len, batch_size=batch_size,
                           max_tokens=None if share is None else share * seq_len, text_field=text_field, seed=seed,
-                          rank=rank, world_size=world, skip_sequences=positions[rank], allow_empty=world > 1)
+                          rank=rank, world_size=world, skip_sequences=positions[rank], allow_empty=world > 1,
+                          doc_tokens=doc_tokens)
         run_batches(model, batches, stats, backend=backend, progress=progress and rank == 0, on_batch=on_batch)
     total, finished, positions = sync(True)
     while not finished:  # this rank's shard ended: keep joining the others' checkpoint rounds

@@ -26,6 +26,8 @@ def _add_calibration_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", nargs="+", help="files, directories or corpus names (stdlib, pydocs); default: stdlib")
     p.add_argument("--text-field", default="text", help="field holding the text in JSON lines / parquet")
     p.add_argument("--max-tokens", type=int, default=16384, help="calibration tokens (whole sequences)")
+    p.add_argument("--doc-tokens", type=int, help="at most this many tokens of each document (a seeded window), "
+                   "so that --max-tokens spans many documents")
     p.add_argument("--seq-len", type=int, default=512)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--backend", default="auto", choices=("auto", "triton", "cuda", "cpp", "torch"))
@@ -121,7 +123,7 @@ def _load(args):
 
 def _calibration_kwargs(args) -> dict:
     return {"max_tokens": args.max_tokens, "seq_len": args.seq_len, "batch_size": args.batch_size,
-            "text_field": args.text_field, "progress": not args.no_progress}
+            "text_field": args.text_field, "doc_tokens": args.doc_tokens, "progress": not args.no_progress}
 
 
 def _eval(model, tokenizer, args, reference_params=None) -> dict:

@@ -95,16 +95,34 @@ def iter_texts(
                 yield text
 
 
-def iter_token_ids(tokenizer, texts: Iterator[str]) -> Iterator[list[int]]:
-    """Token ids of each document, followed by EOS when the tokenizer has one."""
+def document_window(ids: list[int], length: int | None, seed: int | None = 0) -> list[int]:
+    """``length`` consecutive tokens of a longer document, at an offset fixed by its content and ``seed``.
+
+    The offset does not depend on the order documents arrive in, so every rank and every resumed run takes the
+    same window of a document.
+    """
+    if length is None or len(ids) <= length:
+        return ids
+    key = hashlib.blake2b(repr((seed, len(ids), ids[:32])).encode(), digest_size=8).digest()
+    start = random.Random(key).randrange(len(ids) - length + 1)
+    return ids[start : start + length]
+
+
+def iter_token_ids(tokenizer, texts: Iterator[str], doc_tokens: int | None = None,
+                   seed: int | None = 0) -> Iterator[list[int]]:
+    """Token ids of each document (a ``document_window`` of ``doc_tokens`` when given), then EOS if there is one."""
     eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
     for text in texts:
-        yield tokenizer(text, add_special_tokens=False)["input_ids"] + eos
+        yield document_window(tokenizer(text, add_special_tokens=False)["input_ids"], doc_tokens, seed) + eos
 
 
 @dataclass
 class Batches:
-    """Packed calibration batches: ``input_ids: (B, seq_len)`` int64 with no padding."""
+    """Packed calibration batches: ``input_ids: (B, seq_len)`` int64 with no padding.
+
+    ``doc_tokens``: take at most that many tokens of each document (a seeded window), so that a token budget
+    covers many documents instead of the first few long ones.
+    """
 
     tokenizer: object
     files: list[Path]
@@ -117,12 +135,15 @@ class Batches:
     world_size: int = 1
     skip_sequences: int = 0  # resume: sequences of this stream already consumed
     allow_empty: bool = False  # a distributed rank's shard may hold no sequence (the total is checked)
+    doc_tokens: int | None = None
 
     def __post_init__(self):
         if self.seq_len < 2 or self.batch_size < 1:
             raise MiniGPTError(f"seq_len must be ≥ 2 and batch_size ≥ 1 (got {self.seq_len}, {self.batch_size})")
         if self.max_tokens is not None and self.max_tokens < 1:
             raise MiniGPTError(f"max_tokens must be positive (got {self.max_tokens})")
+        if self.doc_tokens is not None and self.doc_tokens < 1:
+            raise MiniGPTError(f"doc_tokens must be positive (got {self.doc_tokens})")
 
     @property
     def max_sequences(self) -> int | None:
@@ -133,7 +154,7 @@ class Batches:
         buf: list[int] = []
         n = 0
         texts = iter_texts(self.files, self.text_field, self.seed, self.rank, self.world_size)
-        for ids in iter_token_ids(self.tokenizer, texts):
+        for ids in iter_token_ids(self.tokenizer, texts, self.doc_tokens, self.seed):
             buf.extend(ids)
             while len(buf) >= self.seq_len:
                 if self.max_sequences is not None and n >= self.max_sequences:

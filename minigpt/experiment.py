@@ -34,6 +34,7 @@ class Settings:
     domains: list[str] = field(default_factory=lambda: ["stdlib", "pydocs"])
     calib_tokens: int = 16384
     calib_seq_len: int = 512
+    calib_doc_tokens: int | None = None
     eval_tokens: int = 4096
     eval_seq_len: int = 512
     mcq_questions: int = 40
@@ -127,8 +128,8 @@ class Experiment:
             return CalibrationStats.load(path)
         log.info("calibrating on %s", domain)
         s = self.settings
-        stats = calibrate(self.model, self.tokenizer, s.corpora[domain]["train"], max_tokens=s.calib_tokens, seq_len=s.calib_seq_len,
-                          seed=s.seed, progress=self.progress)
+        stats = calibrate(self.model, self.tokenizer, s.corpora[domain]["train"], max_tokens=s.calib_tokens,
+                          seq_len=s.calib_seq_len, doc_tokens=s.calib_doc_tokens, seed=s.seed, progress=self.progress)
         stats.save(path)
         return stats
 
@@ -290,7 +291,8 @@ def _chain(*values, fmt: str) -> str:
 def markdown(report: dict) -> str:
     """The results table (one row per cell) and the cross-domain matrix, as markdown."""
     base, s = report["base"], report["settings"]
-    lines = [(f"Model: {s['model'] or 'SmolLM2-135M-Instruct'}; calibration {s['calib_tokens']:,} tokens per domain; "
+    lines = [(f"Model: {s['model'] or 'SmolLM2-135M-Instruct'}; calibration {s['calib_tokens']:,} tokens per domain"
+              f"{f' (at most {doc:,} per document)' if (doc := s.get('calib_doc_tokens')) else ''}; "
               f"perplexity on the first {s['eval_tokens']:,} held-out tokens (windows of {s['eval_seq_len']}); "
               f"MCQ: {s['mcq_questions']} cloze questions per domain, {s['mcq_choices']} choices."), "",
              ("| domain | method | policy | MLP removed | relative size | perplexity base → pruned → fine-tuned "
@@ -409,6 +411,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--mcq", nargs="*", default=["*"], help="cells (glob) scored on the cloze MCQ set")
     p.add_argument("--finetune", nargs="*", default=[], help="cells (glob) recovery-fine-tuned, e.g. stdlib/l1/r0.2")
     p.add_argument("--calib-tokens", type=int, default=16384)
+    p.add_argument("--calib-doc-tokens", type=int, help="at most this many calibration tokens per document")
     p.add_argument("--eval-tokens", type=int, default=4096)
     p.add_argument("--mcq-questions", type=int, default=40)
     p.add_argument("--seed", type=int, default=0)
@@ -431,6 +434,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 def run(args) -> None:
     settings = Settings(model=args.model, domains=args.domains, calib_tokens=args.calib_tokens,
+                        calib_doc_tokens=args.calib_doc_tokens,
                         eval_tokens=args.eval_tokens, mcq_questions=args.mcq_questions, seed=args.seed,
                         finetune={"max_steps": args.ft_max_steps, "eval_every": args.ft_eval_every,
                                   "seq_len": args.ft_seq_len, "batch_size": args.ft_batch_size,

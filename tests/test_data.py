@@ -1,0 +1,51 @@
+"""Corpus streaming: per-document windows (``doc_tokens``) spread a calibration budget over many documents."""
+
+from __future__ import annotations
+
+import random
+
+from conftest import tiny_model
+
+from minigpt.calibration import calibrate
+from minigpt.data import Batches, document_window, iter_texts
+
+
+def _contains(seq: list[int], part: list[int]) -> bool:
+    return any(seq[i : i + len(part)] == part for i in range(len(seq) - len(part) + 1))
+
+
+def test_document_window_is_a_slice_fixed_by_content_and_seed():
+    ids = random.Random(0).choices(range(1000), k=500)
+    window = document_window(ids, 64, seed=0)
+    assert len(window) == 64 and _contains(ids, window)
+    assert document_window(list(ids), 64, seed=0) == window  # the same document, the same window
+    assert {tuple(document_window(ids, 64, seed=s)) for s in range(8)} != {tuple(window)}  # seeds move it
+    assert document_window(ids[:50], 64) == ids[:50] and document_window(ids, None) == ids
+
+
+def test_doc_tokens_caps_each_document(tiny_tokenizer, corpus_dir):
+    files = sorted(corpus_dir.glob("*.txt"))
+    docs = [tiny_tokenizer(t, add_special_tokens=False)["input_ids"] for t in iter_texts(files, seed=0)]
+    stream = sum(Batches(tiny_tokenizer, files, seq_len=16, batch_size=1, doc_tokens=100).sequences(), [])
+    eos = tiny_tokenizer.eos_token_id
+    expected = sum(min(len(d), 100) + (eos is not None) for d in docs)
+    assert len(stream) == expected - expected % 16
+    for doc in docs:
+        assert _contains(stream, document_window(doc, 100, seed=0)[:50])
+
+
+def test_calibration_records_doc_tokens_and_sees_more_documents(tiny_tokenizer, corpus_dir):
+    files = sorted(corpus_dir.glob("*.txt"))
+    budget = 512
+    capped = Batches(tiny_tokenizer, files, seq_len=64, batch_size=1, max_tokens=budget, doc_tokens=200)
+    whole = Batches(tiny_tokenizer, files, seq_len=64, batch_size=1, max_tokens=budget)
+    docs = [tiny_tokenizer(t, add_special_tokens=False)["input_ids"] for t in iter_texts(files, seed=0)]
+
+    def covered(batches):
+        stream = sum(batches.sequences(), [])
+        return sum(any(_contains(stream, doc[i : i + 8]) for i in range(0, len(doc) - 8, 8)) for doc in docs)
+
+    assert covered(capped) > covered(whole)
+    stats = calibrate(tiny_model("llama"), tiny_tokenizer, [str(f) for f in files], max_tokens=budget, seq_len=64,
+                      doc_tokens=200, progress=False)
+    assert stats.meta["corpus"]["doc_tokens"] == 200 and stats.tokens == budget
