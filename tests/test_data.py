@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import random
 
 from conftest import tiny_model
@@ -26,7 +27,7 @@ def test_document_window_is_a_slice_fixed_by_content_and_seed():
 def test_doc_tokens_caps_each_document(tiny_tokenizer, corpus_dir):
     files = sorted(corpus_dir.glob("*.txt"))
     docs = [tiny_tokenizer(t, add_special_tokens=False)["input_ids"] for t in iter_texts(files, seed=0)]
-    stream = sum(Batches(tiny_tokenizer, files, seq_len=16, batch_size=1, doc_tokens=100).sequences(), [])
+    stream = list(itertools.chain(*Batches(tiny_tokenizer, files, seq_len=16, batch_size=1, doc_tokens=100).sequences()))
     eos = tiny_tokenizer.eos_token_id
     expected = sum(min(len(d), 100) + (eos is not None) for d in docs)
     assert len(stream) == expected - expected % 16
@@ -42,7 +43,7 @@ def test_calibration_records_doc_tokens_and_sees_more_documents(tiny_tokenizer, 
     docs = [tiny_tokenizer(t, add_special_tokens=False)["input_ids"] for t in iter_texts(files, seed=0)]
 
     def covered(batches):
-        stream = sum(batches.sequences(), [])
+        stream = list(itertools.chain(*batches.sequences()))
         return sum(any(_contains(stream, doc[i : i + 8]) for i in range(0, len(doc) - 8, 8)) for doc in docs)
 
     assert covered(capped) > covered(whole)
