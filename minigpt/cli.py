@@ -39,6 +39,7 @@ def _add_eval_args(p: argparse.ArgumentParser, data_flag: str) -> None:
     p.add_argument("--eval-tokens", type=int, default=8192, help="held-out tokens scored")
     p.add_argument("--eval-seq-len", type=int, default=512)
     p.add_argument("--stride", type=int, default=None, help="window stride (default: the window length)")
+    p.add_argument("--eval-doc-tokens", type=int, help="at most this many held-out tokens per document")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -131,7 +132,8 @@ def _eval(model, tokenizer, args, reference_params=None) -> dict:
 
     data = getattr(args, "eval_data", None) if args.command == "prune" else args.data
     return evaluate(model, tokenizer, data, reference_params=reference_params, seq_len=args.eval_seq_len,
-                    stride=args.stride, max_tokens=args.eval_tokens, progress=not args.no_progress)
+                    stride=args.stride, max_tokens=args.eval_tokens, doc_tokens=args.eval_doc_tokens,
+                    progress=not args.no_progress)
 
 
 def cmd_calibrate(args) -> None:
@@ -270,7 +272,7 @@ def cmd_eval(args) -> None:
 
     model, tokenizer = _load(args)
     result = evaluate(model, tokenizer, args.data, seq_len=args.eval_seq_len, stride=args.stride,
-                      max_tokens=args.eval_tokens)
+                      max_tokens=args.eval_tokens, doc_tokens=args.eval_doc_tokens)
     if args.json:
         print(json.dumps(result, indent=1))
         return

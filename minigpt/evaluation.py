@@ -40,11 +40,13 @@ def weight_bytes(model) -> int:
         b.numel() * b.element_size() for b in model.buffers())
 
 
-def token_stream(tokenizer, data=None, max_tokens: int = 16384, text_field: str = "text") -> torch.Tensor:
-    """The first ``max_tokens`` token ids of the held-out corpus (documents in file order, EOS between)."""
+def token_stream(tokenizer, data=None, max_tokens: int = 16384, text_field: str = "text",
+                 doc_tokens: int | None = None) -> torch.Tensor:
+    """The first ``max_tokens`` token ids of the held-out corpus (documents in file order, EOS between; at most
+    ``doc_tokens`` of each document, a seeded window, when given)."""
     files = resolve_files(data, default="stdlib-heldout")
     ids: list[int] = []
-    for doc in iter_token_ids(tokenizer, iter_texts(files, text_field, seed=None)):
+    for doc in iter_token_ids(tokenizer, iter_texts(files, text_field, seed=None), doc_tokens):
         ids.extend(doc)
         if len(ids) >= max_tokens:
             break
@@ -53,14 +55,16 @@ def token_stream(tokenizer, data=None, max_tokens: int = 16384, text_field: str 
 
 @torch.inference_mode()
 def perplexity(model, tokenizer, data=None, *, seq_len: int = 512, stride: int | None = None,
-               max_tokens: int = 16384, batch_size: int = 4, text_field: str = "text", progress: bool = False) -> dict:
+               max_tokens: int = 16384, batch_size: int = 4, text_field: str = "text", doc_tokens: int | None = None,
+               progress: bool = False) -> dict:
     """Perplexity over fixed windows of ``seq_len`` moved by ``stride`` (default: non-overlapping).
 
     Each token after the first is scored once, with up to ``seq_len - 1`` tokens of context.
     Bits per byte = total NLL in bits / UTF-8 bytes of the scored text (comparable across tokenizers).
+    ``doc_tokens``: score at most that many tokens of each document, so that ``max_tokens`` spans more documents.
     """
     stride = stride or seq_len
-    ids = token_stream(tokenizer, data, max_tokens, text_field)
+    ids = token_stream(tokenizer, data, max_tokens, text_field, doc_tokens)
     if ids.numel() < 2:
         raise ValueError("held-out text has fewer than two tokens")
     device = model.get_input_embeddings().weight.device

@@ -37,6 +37,7 @@ class Settings:
     calib_doc_tokens: int | None = None
     eval_tokens: int = 4096
     eval_seq_len: int = 512
+    eval_doc_tokens: int | None = None
     mcq_questions: int = 40
     mcq_choices: int = 4
     mcq_normalise: str = "tokens"
@@ -156,8 +157,9 @@ class Experiment:
     def perplexity(self, model, domain: str) -> dict:
         from minigpt.evaluation import perplexity
 
-        r = perplexity(model, self.tokenizer, self.settings.corpora[domain]["heldout"], seq_len=self.settings.eval_seq_len,
-                       max_tokens=self.settings.eval_tokens, progress=self.progress)
+        s = self.settings
+        r = perplexity(model, self.tokenizer, s.corpora[domain]["heldout"], seq_len=s.eval_seq_len,
+                       max_tokens=s.eval_tokens, doc_tokens=s.eval_doc_tokens, progress=self.progress)
         return {"perplexity": r["perplexity"], "bits_per_byte": r["bits_per_byte"]}
 
     def mcq(self, model, domain: str) -> dict:
@@ -232,6 +234,7 @@ class Experiment:
             teacher = self.model if options.pop("distill", False) else None  # the unpruned model
             report = run_finetune(model, self.tokenizer, corpus["train"], corpus["heldout"],
                                   target=base["perplexity"], eval_tokens=s.eval_tokens, eval_seq_len=s.eval_seq_len,
+                                  eval_doc_tokens=s.eval_doc_tokens,
                                   seed=s.seed, progress=self.progress, teacher=teacher, **options)
             if mcq:
                 report["mcq"] = self.mcq(model, cell.domain)
@@ -293,7 +296,9 @@ def markdown(report: dict) -> str:
     base, s = report["base"], report["settings"]
     lines = [(f"Model: {s['model'] or 'SmolLM2-135M-Instruct'}; calibration {s['calib_tokens']:,} tokens per domain"
               f"{f' (at most {doc:,} per document)' if (doc := s.get('calib_doc_tokens')) else ''}; "
-              f"perplexity on the first {s['eval_tokens']:,} held-out tokens (windows of {s['eval_seq_len']}); "
+              f"perplexity on the first {s['eval_tokens']:,} held-out tokens"
+              f"{f' (at most {doc:,} per document)' if (doc := s.get('eval_doc_tokens')) else ''}"
+              f" (windows of {s['eval_seq_len']}); "
               f"MCQ: {s['mcq_questions']} cloze questions per domain, {s['mcq_choices']} choices."), "",
              ("| domain | method | policy | MLP removed | relative size | perplexity base → pruned → fine-tuned "
               "| × base | MCQ base → pruned → fine-tuned | recovery |"),
@@ -413,6 +418,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--calib-tokens", type=int, default=16384)
     p.add_argument("--calib-doc-tokens", type=int, help="at most this many calibration tokens per document")
     p.add_argument("--eval-tokens", type=int, default=4096)
+    p.add_argument("--eval-doc-tokens", type=int, help="at most this many held-out tokens per document")
     p.add_argument("--mcq-questions", type=int, default=40)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--ft-max-steps", type=int, default=200)
@@ -434,7 +440,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 def run(args) -> None:
     settings = Settings(model=args.model, domains=args.domains, calib_tokens=args.calib_tokens,
-                        calib_doc_tokens=args.calib_doc_tokens,
+                        calib_doc_tokens=args.calib_doc_tokens, eval_doc_tokens=args.eval_doc_tokens,
                         eval_tokens=args.eval_tokens, mcq_questions=args.mcq_questions, seed=args.seed,
                         finetune={"max_steps": args.ft_max_steps, "eval_every": args.ft_eval_every,
                                   "seq_len": args.ft_seq_len, "batch_size": args.ft_batch_size,

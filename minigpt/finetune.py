@@ -185,6 +185,7 @@ def finetune(
     distill_temperature: float = 1.0,
     eval_tokens: int = 4096,
     eval_seq_len: int = 512,
+    eval_doc_tokens: int | None = None,
     patience: int = 2,
     bf16: bool | None = None,
     gradient_checkpointing: bool = False,
@@ -224,7 +225,8 @@ def finetune(
     def evaluate(m) -> dict:
         was_training = m.training
         m.eval()
-        r = perplexity(m, tokenizer, eval_data, seq_len=eval_seq_len, max_tokens=eval_tokens)
+        r = perplexity(m, tokenizer, eval_data, seq_len=eval_seq_len, max_tokens=eval_tokens,
+                       doc_tokens=eval_doc_tokens)
         m.train(was_training)
         return {"perplexity": r["perplexity"], "bits_per_byte": r["bits_per_byte"]}
 

@@ -9,6 +9,7 @@ from conftest import tiny_model
 
 from minigpt.calibration import calibrate
 from minigpt.data import Batches, document_window, iter_texts
+from minigpt.evaluation import perplexity, token_stream
 
 
 def _contains(seq: list[int], part: list[int]) -> bool:
@@ -50,3 +51,14 @@ def test_calibration_records_doc_tokens_and_sees_more_documents(tiny_tokenizer, 
     stats = calibrate(tiny_model("llama"), tiny_tokenizer, [str(f) for f in files], max_tokens=budget, seq_len=64,
                       doc_tokens=200, progress=False)
     assert stats.meta["corpus"]["doc_tokens"] == 200 and stats.tokens == budget
+
+
+def test_heldout_stream_and_perplexity_take_the_windows(tiny_tokenizer, corpus_dir):
+    files = sorted(corpus_dir.glob("*.txt"))
+    docs = [tiny_tokenizer(t, add_special_tokens=False)["input_ids"] for t in iter_texts(files, seed=None)]
+    ids = token_stream(tiny_tokenizer, [str(f) for f in files], max_tokens=10**6, doc_tokens=100)
+    eos = [tiny_tokenizer.eos_token_id] if tiny_tokenizer.eos_token_id is not None else []
+    assert ids.tolist() == list(itertools.chain(*(document_window(d, 100) + eos for d in docs)))
+    r = perplexity(tiny_model("llama"), tiny_tokenizer, [str(f) for f in files], seq_len=64, max_tokens=10**6,
+                   doc_tokens=100)
+    assert r["tokens"] == ids.numel() - -(-ids.numel() // 64)  # a window's first token has no context
