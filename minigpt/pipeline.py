@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import torch
+
+from minigpt import adapters
 from minigpt.calibration import calibrate
 from minigpt.compact import compact
 from minigpt.errors import MiniGPTError
 from minigpt.importance import NEEDS_STATS
-from minigpt.planning import PruningPlan, plan
+from minigpt.planning import PruningPlan, plan, plan_from_scores
 from minigpt.stats import CalibrationStats, check_fingerprint, fingerprint
 
 
@@ -39,7 +42,10 @@ def prune(
     the highest-scoring ones.
     """
     if pruning_plan is None and ratio == 0 and threshold is None and stats is None:
-        metric = "random"  # ratio 0 removes nothing whatever the scores: no calibration needed (vocabulary-only runs)
+        # ratio 0 keeps every neuron whatever the scores: no calibration needed (vocabulary-only runs)
+        pruning_plan = plan_from_scores([torch.ones(w) for w in adapters.widths(model)], ratio=0,
+                                        fingerprint=fingerprint(model),
+                                        policy={"metric": metric, "ratio": 0, "reverse": reverse, "tokens": 0})
     if pruning_plan is None:
         if metric == "selectivity" and reference is None:
             if reference_data is None:

@@ -166,3 +166,4 @@ def test_vocabulary_only_prune_needs_no_calibration(model_dir, corpus_dir, tmp_p
     assert code == 0 and "removed 0.0% of MLP neurons" in text
     report = json.loads((out / "minigpt_report.json").read_text())
     assert report["plan"]["tokens"] == 0 and report["kept_widths"] == [48, 48]  # no calibration pass ran
+    assert report["plan"]["metric"] == "l1" and report["plan"]["ratio"] == 0  # the policy asked for
