@@ -274,6 +274,8 @@ class Experiment:
             plot_size(report, self.out / "perplexity_vs_size.png")
             if cross_matrix(report):
                 plot_cross(report, self.out / "cross_domain.png")
+            if any(c.get("finetune") for c in cells):
+                plot_recovery(report, self.out / "recovery.png")
         return table
 
 
@@ -389,6 +391,30 @@ def plot_cross(report: dict, path: Path) -> None:
                 ax.text(j, i, f"×{v:.2f}", ha="center", va="center", color="w" if v > min(map(min, values)) else "k")
         ax.set(xticks=range(len(domains)), xticklabels=domains, yticks=range(len(calibrated)),
                yticklabels=calibrated, xlabel="evaluated on", ylabel="calibrated on", title=f"{key}: perplexity × base")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_recovery(report: dict, path: Path) -> None:
+    """Held-out perplexity against fine-tuning tokens for every fine-tuned cell, with its target."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for cell in report["cells"]:
+        ft = cell.get("finetune")
+        if not ft:
+            continue
+        line, = ax.plot([h["tokens"] for h in ft["history"]], [h["perplexity"] for h in ft["history"]], marker=".",
+                        label=f"{cell['id']}" + (" (distilled)" if ft["settings"].get("distill") else ""))
+        if ft.get("target"):
+            ax.axhline(ft["target"], color=line.get_color(), ls="--", lw=1, label=f"{cell['cell']['domain']} unpruned")
+    ax.set(xlabel="fine-tuning tokens", ylabel="held-out perplexity", title="recovery fine-tuning")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -66,6 +66,7 @@ def test_sweep_writes_table_matrix_plots_and_resumes(setup, capsys):
     assert len(report["cells"]) == 12 and set(report["base"]) == {"algo", "text"}
     assert all(b["mcq"]["total"] == 4 for b in report["base"].values())
     assert (out / "perplexity_vs_size.png").stat().st_size > 1000 and (out / "cross_domain.png").exists()
+    assert (out / "recovery.png").stat().st_size > 1000  # the fine-tuned cell's curve
 
     # resume: finished cells are not redone; a missing one is
     stamps = {p.name: p.stat().st_mtime_ns for p in (out / "cells").iterdir()}
