@@ -197,8 +197,9 @@ def finetune(
     ``eval_data``: held-out corpus (default ``<data>-heldout`` for a built-in corpus name). ``bf16``: mixed
     precision (default: on CUDA). ``lr_scheduler``: a ``transformers`` schedule name (``cosine`` decays to 0 at
     ``max_steps``). ``teacher``: distil from this model (same vocabulary) with weight ``distill_alpha`` and
-    temperature ``distill_temperature`` (see module doc). Returns a report: ``recovered``, ``stop`` (target / overfitting / max_steps),
-    ``steps``, ``tokens``, ``epochs`` (passes over the fine-tuning set), the evaluation ``history`` and ``best``.
+    temperature ``distill_temperature`` (see module doc). Returns a report: ``recovered``, ``stop`` (target /
+    overfitting / stalled / max_steps), ``steps``, ``tokens``, ``epochs`` (passes over the fine-tuning set), the
+    evaluation ``history`` and the ``settings``.
     """
     from transformers import Trainer, TrainingArguments, default_data_collator
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
@@ -249,8 +250,8 @@ def finetune(
                                           progress)
             trainer_class = Trainer if teacher is None else _distillation_trainer(teacher, distill_alpha,
                                                                                   distill_temperature)
-            trainer = trainer_class(model=model, args=args, train_dataset=stream, data_collator=default_data_collator,
-                              callbacks=[callback])
+            trainer = trainer_class(model=model, args=args, train_dataset=stream,
+                                    data_collator=default_data_collator, callbacks=[callback])
             for printer in (PrinterCallback, ProgressCallback):  # our callback shows progress, not every log
                 trainer.remove_callback(printer)
             trainer.train()
