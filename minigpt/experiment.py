@@ -404,13 +404,15 @@ def plot_recovery(report: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
+    targets = set()
     for cell in report["cells"]:
         ft = cell.get("finetune")
         if not ft:
             continue
         line, = ax.plot([h["tokens"] for h in ft["history"]], [h["perplexity"] for h in ft["history"]], marker=".",
                         label=f"{cell['id']}" + (" (distilled)" if ft["settings"].get("distill") else ""))
-        if ft.get("target"):
+        if ft.get("target") and (cell["cell"]["domain"], ft["target"]) not in targets:
+            targets.add((cell["cell"]["domain"], ft["target"]))
             ax.axhline(ft["target"], color=line.get_color(), ls="--", lw=1, label=f"{cell['cell']['domain']} unpruned")
     ax.set(xlabel="fine-tuning tokens", ylabel="held-out perplexity", title="recovery fine-tuning")
     ax.grid(alpha=0.3)
