@@ -197,11 +197,11 @@ def calibrate(
     """Collect per-neuron statistics of ``model`` over the corpus ``data`` (files, dirs or corpus names).
 
     Under ``torch.distributed`` each rank streams its own shard of the documents (``split_dataset_by_node``)
-    and calibrates on its part of ``max_tokens``; ``doc_tokens`` caps the tokens taken from each document
-    (``data.Batches``); the statistics are all-reduced and every rank returns the
-    total. ``checkpoint``: a file rewritten atomically (by rank 0) every ``checkpoint_every`` tokens with the
-    summed statistics and every rank's stream position; ``resume=True`` continues from it, ending with the
-    statistics of an uninterrupted run. The caller deletes the checkpoint once the result is saved.
+    and calibrates on its part of ``max_tokens``; the statistics are all-reduced and every rank returns the
+    total. ``doc_tokens``: at most that many tokens of each document (``data.document_window``).
+    ``checkpoint``: a file rewritten atomically (by rank 0) every ``checkpoint_every`` tokens with the summed
+    statistics and every rank's stream position; ``resume=True`` continues from it, ending with the statistics
+    of an uninterrupted run. The caller deletes the checkpoint once the result is saved.
     Returns ``CalibrationStats`` (on the CPU) whose ``meta`` records the corpus, the backend and the speed.
     """
     rank, world = distributed.rank_world()

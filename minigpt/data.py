@@ -101,6 +101,8 @@ def document_window(ids: list[int], length: int | None, seed: int | None = 0) ->
     The offset does not depend on the order documents arrive in, so every rank and every resumed run takes the
     same window of a document.
     """
+    if length is not None and length < 1:
+        raise MiniGPTError(f"tokens per document must be positive (got {length})")
     if length is None or len(ids) <= length:
         return ids
     key = hashlib.blake2b(repr((seed, len(ids), ids[:32])).encode(), digest_size=8).digest()
@@ -142,8 +144,6 @@ class Batches:
             raise MiniGPTError(f"seq_len must be ≥ 2 and batch_size ≥ 1 (got {self.seq_len}, {self.batch_size})")
         if self.max_tokens is not None and self.max_tokens < 1:
             raise MiniGPTError(f"max_tokens must be positive (got {self.max_tokens})")
-        if self.doc_tokens is not None and self.doc_tokens < 1:
-            raise MiniGPTError(f"doc_tokens must be positive (got {self.doc_tokens})")
 
     @property
     def max_sequences(self) -> int | None:

@@ -5,10 +5,12 @@ from __future__ import annotations
 import itertools
 import random
 
+import pytest
 from conftest import tiny_model
 
 from minigpt.calibration import calibrate
 from minigpt.data import Batches, document_window, iter_texts
+from minigpt.errors import MiniGPTError
 from minigpt.evaluation import perplexity, token_stream
 
 
@@ -23,6 +25,8 @@ def test_document_window_is_a_slice_fixed_by_content_and_seed():
     assert document_window(list(ids), 64, seed=0) == window  # the same document, the same window
     assert {tuple(document_window(ids, 64, seed=s)) for s in range(8)} != {tuple(window)}  # seeds move it
     assert document_window(ids[:50], 64) == ids[:50] and document_window(ids, None) == ids
+    with pytest.raises(MiniGPTError, match="tokens per document must be positive"):
+        document_window(ids, 0)
 
 
 def test_doc_tokens_caps_each_document(tiny_tokenizer, corpus_dir):
