@@ -89,12 +89,13 @@ def distillation_loss(student_logits, teacher_logits, labels, alpha: float, temp
 
     targets = labels[:, 1:]
     mask = targets != -100
-    log_p = F.log_softmax(student_logits[:, :-1][mask].float(), -1)  # (N, V)
+    student = student_logits[:, :-1][mask].float()  # (N, V)
+    log_p = F.log_softmax(student, -1)
     ce = F.nll_loss(log_p, targets[mask])
     if alpha == 0:
         return ce
     if temperature != 1:
-        log_p = F.log_softmax(student_logits[:, :-1][mask].float() / temperature, -1)
+        log_p = F.log_softmax(student / temperature, -1)
     teacher = F.log_softmax(teacher_logits[:, :-1][mask].float() / temperature, -1)
     kl = F.kl_div(log_p, teacher, log_target=True, reduction="batchmean")
     return (1 - alpha) * ce + alpha * temperature**2 * kl
@@ -209,11 +210,11 @@ def finetune(
     if not 0 <= distill_alpha <= 1 or distill_temperature <= 0:
         raise MiniGPTError(f"distill_alpha must be in [0, 1] and distill_temperature > 0 "
                            f"(got {distill_alpha}, {distill_temperature})")
-    if teacher is not None and teacher.get_output_embeddings().weight.shape[0] != \
-            model.get_output_embeddings().weight.shape[0]:
-        raise MiniGPTError(f"distillation needs the teacher's vocabulary: the model predicts "
-                           f"{model.get_output_embeddings().weight.shape[0]} tokens, the teacher "
-                           f"{teacher.get_output_embeddings().weight.shape[0]} (vocabulary-pruned models cannot distil)")
+    if teacher is not None:
+        predicts, teaches = (m.get_output_embeddings().weight.shape[0] for m in (model, teacher))
+        if predicts != teaches:
+            raise MiniGPTError(f"distillation needs the teacher's vocabulary: the model predicts {predicts} tokens, "
+                               f"the teacher {teaches} (vocabulary-pruned models cannot distil)")
     files = resolve_files(data)
     if eval_data is None:
         name = data if isinstance(data, str) else None

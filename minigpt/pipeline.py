@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-import torch
-
-from minigpt import adapters
 from minigpt.calibration import calibrate
 from minigpt.compact import compact
 from minigpt.errors import MiniGPTError
 from minigpt.importance import NEEDS_STATS
-from minigpt.planning import PruningPlan, plan, plan_from_scores
+from minigpt.planning import PruningPlan, plan
 from minigpt.stats import CalibrationStats, check_fingerprint, fingerprint
 
 
@@ -41,17 +38,13 @@ def prune(
     ``ratio=0.2`` removes 20 % of every layer's neurons (``ratio=0`` none, without calibrating); ``reverse`` removes
     the highest-scoring ones.
     """
-    if pruning_plan is None and ratio == 0 and threshold is None and stats is None:
-        # ratio 0 keeps every neuron whatever the scores: no calibration needed (vocabulary-only runs)
-        pruning_plan = plan_from_scores([torch.ones(w) for w in adapters.widths(model)], ratio=0,
-                                        fingerprint=fingerprint(model),
-                                        policy={"metric": metric, "ratio": 0, "reverse": reverse, "tokens": 0})
+    keeps_all = ratio == 0  # no score removes a neuron: nothing to calibrate (vocabulary-only runs)
     if pruning_plan is None:
-        if metric == "selectivity" and reference is None:
+        if metric == "selectivity" and reference is None and not keeps_all:
             if reference_data is None:
                 raise MiniGPTError("metric selectivity needs reference statistics or reference data")
             reference = _stats(model, tokenizer, None, reference_data, backend, calibration)
-        if metric in NEEDS_STATS:
+        if metric in NEEDS_STATS and not (keeps_all and stats is None):
             stats = _stats(model, tokenizer, stats, data, backend, calibration)
         pruning_plan = plan(stats, metric, threshold=threshold, ratio=ratio, scope=scope, multiple=multiple,
                             min_keep=min_keep, reverse=reverse, model=model, reference=reference, seed=seed)

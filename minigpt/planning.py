@@ -151,7 +151,9 @@ def plan(
 
     ``reference``: statistics of another corpus (``selectivity``); ``seed``: the ``random`` baseline's generator.
     """
-    layer_scores = importance.scores(metric, stats=stats, model=model, reference=reference, seed=seed)
+    # ratio 0 keeps every neuron whatever the scores: it needs neither statistics nor a reference
+    layer_scores = importance.scores("random" if ratio == 0 else metric, stats=stats, model=model,
+                                     reference=reference, seed=seed)
     policy = {"metric": metric, "threshold": threshold, "ratio": ratio, "scope": scope, "multiple": multiple,
               "min_keep": min_keep, "reverse": reverse, "tokens": stats.tokens if stats is not None else 0}
     if metric == "random":
