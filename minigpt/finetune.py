@@ -319,6 +319,9 @@ def add_parser(subparsers):
     p.add_argument("--patience", type=int, default=2,
                    help="evaluations without improvement (or rising while the training loss falls) before stopping")
     p.add_argument("--gradient-checkpointing", action="store_true")
+    p.add_argument("--seed", type=int, default=0,
+                   help="order of the training documents and sequences (another seed continues a run on text in "
+                        "another order)")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=run)
@@ -373,11 +376,14 @@ def run(args) -> None:
                       lr_scheduler=args.lr_scheduler, teacher=teacher, distill_alpha=args.distill_alpha,
                       distill_temperature=args.distill_temperature,
                       eval_tokens=args.eval_tokens, eval_seq_len=args.eval_seq_len, patience=args.patience,
-                      gradient_checkpointing=args.gradient_checkpointing, progress=not args.no_progress)
+                      gradient_checkpointing=args.gradient_checkpointing, seed=args.seed,
+                      progress=not args.no_progress)
     report["target_model"] = str(source) if source else None
     src = Path(args.model or "")
     plan = PruningPlan.load(src / "minigpt_plan.json") if (src / "minigpt_plan.json").exists() else None
     pruned = json.loads((src / "minigpt_report.json").read_text()) if (src / "minigpt_report.json").exists() else {}
+    if "finetune" in pruned:  # fine-tuning a fine-tuned model continues its recovery: keep every stage
+        pruned["earlier_finetunes"] = pruned.get("earlier_finetunes", []) + [pruned.pop("finetune")]
     save_pruned(model, tokenizer, out, plan=plan, source=args.model, report={**pruned, "finetune": report})
     if args.json:
         print(json.dumps(report, indent=1))

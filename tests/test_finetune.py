@@ -60,6 +60,8 @@ def test_token_stream_passes_are_shuffled_permutations(tiny_tokenizer, split):
     for p in passes:
         assert sorted(p) == sorted(plain) and p != plain
     assert passes[0] != passes[1]
+    reseeded = iter(TokenStream(tiny_tokenizer, files, 32, 1024, seed=1, shuffle_buffer=8))
+    assert [next(reseeded)["input_ids"].tolist() for _ in plain] != passes[0]
 
 
 def test_overfitting_rule():
@@ -124,6 +126,18 @@ def test_cli_finetune_reaches_source_perplexity(tiny_tokenizer, corpus_dir, tmp_
     reloaded, tok = minigpt.load_model(tuned)
     again = perplexity(reloaded, tok, heldout, seq_len=128, max_tokens=512)["perplexity"]
     assert again == pytest.approx(report["perplexity_after"], rel=1e-4)
+
+    # fine-tuning the fine-tuned model continues its recovery (text in another order), keeping every stage
+    more = tmp_path / "tuned-more"
+    code = main(["finetune", "--model", str(tuned), "--data", *data, "--eval-data", heldout, "--out", str(more),
+                 "--target", str(0.9 * report["perplexity_after"]), "--max-steps", "4", "--eval-every", "2",
+                 "--seq-len", "64", "--lr", "3e-3", "--eval-tokens", "512", "--eval-seq-len", "128", "--seed", "1",
+                 "--no-progress", "--json"])
+    second = json.loads(capsys.readouterr().out)
+    assert code == 0 and second["perplexity_before"] == pytest.approx(report["perplexity_after"], rel=1e-4)
+    stages = json.loads((more / "minigpt_report.json").read_text())
+    assert stages["earlier_finetunes"] == [saved["finetune"]] and stages["finetune"]["steps"] == second["steps"]
+    assert stages["source"] == str(src)
 
 
 def test_distillation_loss_matches_its_definition():
