@@ -12,6 +12,7 @@ from pathlib import Path
 from minigpt.data import resolve_files
 from minigpt.errors import MiniGPTError
 from minigpt.importance import METRICS
+from minigpt.io import FINISHED
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 
@@ -285,7 +286,16 @@ def cmd_eval(args) -> None:
 COMMANDS = {"calibrate": cmd_calibrate, "prune": cmd_prune, "eval": cmd_eval}
 
 
+def _kept_outputs() -> str:
+    """What an interrupted command leaves: the outputs it finished (a partial one is always removed)."""
+    kept = list(dict.fromkeys(FINISHED))  # a checkpoint rewritten many times is one output
+    if not kept:
+        return "nothing was written"
+    return f"kept {len(kept)} finished output{'s' if len(kept) > 1 else ''} (last: {kept[-1]}), nothing partial"
+
+
 def main(argv: list[str] | None = None) -> int:
+    FINISHED.clear()
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
@@ -295,7 +305,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"minigpt: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("minigpt: interrupted; nothing was written", file=sys.stderr)
+        print(f"minigpt: interrupted; {_kept_outputs()}", file=sys.stderr)
         return 130
     return 0
 

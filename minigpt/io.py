@@ -62,6 +62,10 @@ def discard(path: str | os.PathLike) -> None:
     _remove_stale_partials(path)
 
 
+FINISHED: list[Path] = []
+"""Outputs this process has put in place (atomically), oldest first: what an interrupted command keeps."""
+
+
 @contextlib.contextmanager
 def _write_errors(dest: Path):
     """Turn a failed write (full disk, file-size limit, I/O error) into one line; the caller cleans up."""
@@ -95,6 +99,7 @@ def atomic_dir(dest: str | os.PathLike, overwrite: bool = False):
             if dest.exists():
                 shutil.rmtree(dest)
             os.replace(tmp, dest)
+        FINISHED.append(dest)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -113,6 +118,7 @@ def atomic_file(dest: str | os.PathLike):
             with open(tmp, "rb+") as f:
                 os.fsync(f.fileno())
             os.replace(tmp, dest)
+        FINISHED.append(dest)
     finally:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)

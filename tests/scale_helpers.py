@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -67,6 +68,16 @@ def torchrun(nproc: int, *argv) -> list[str]:
 
 def minigpt(*argv) -> list[str]:
     return [sys.executable, "-m", "minigpt.cli", *map(str, argv)]
+
+
+def popen_with_default_sigint(cmd: list[str]) -> subprocess.Popen:
+    """Start ``cmd`` (text pipes) with Ctrl-C as in a terminal. A shell running the tests in the background makes
+    them ignore SIGINT, and an ignored signal stays ignored across exec; a handled one is reset to the default."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        return subprocess.Popen(cmd, env=worker_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def run(cmd: list[str], **kwargs) -> subprocess.CompletedProcess:

@@ -13,7 +13,7 @@ import time
 import pytest
 import torch
 from conftest import tiny_model
-from scale_helpers import minigpt, run, save_model, worker_env
+from scale_helpers import minigpt, popen_with_default_sigint, run, save_model
 
 from minigpt.cli import main
 from minigpt.stats import CalibrationStats
@@ -184,16 +184,6 @@ def medium_model(tmp_path_factory, tiny_tokenizer):
     return root / "model", root / "plan.json"
 
 
-def _popen_with_default_sigint(cmd) -> subprocess.Popen:
-    """Start ``cmd`` with Ctrl-C as in a terminal. A shell running the tests in the background makes them ignore
-    SIGINT, and an ignored signal stays ignored across exec; a handled one is reset to the default."""
-    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
-    try:
-        return subprocess.Popen(cmd, env=worker_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    finally:
-        signal.signal(signal.SIGINT, previous)
-
-
 def _interrupt_save(cmd, out, sig, attempts: int = 5) -> subprocess.Popen:
     """Start ``cmd`` and send ``sig`` once its temporary output directory holds a first shard.
 
@@ -201,7 +191,7 @@ def _interrupt_save(cmd, out, sig, attempts: int = 5) -> subprocess.Popen:
     written): that run proves nothing, so its output is removed and the command started again.
     """
     for _ in range(attempts):
-        proc = _popen_with_default_sigint(cmd)
+        proc = popen_with_default_sigint(cmd)
         deadline = time.monotonic() + 240
         while not any(p.is_dir() and any(p.glob("model-*")) for p in out.parent.glob(f".{out.name}.partial-*")):
             assert proc.poll() is None, proc.communicate()

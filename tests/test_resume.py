@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 import subprocess
 import time
 
@@ -13,6 +14,7 @@ from scale_helpers import (
     assert_stats_equal,
     kill_tree,
     minigpt,
+    popen_with_default_sigint,
     run,
     save_model,
     torchrun,
@@ -64,6 +66,23 @@ def test_sigkill_then_resume_equals_uninterrupted(model_dir, corpus_dir, tmp_pat
     # the same fp32 batch sums folded into the same fp64 totals in the same order: bit for bit
     assert_stats_equal(CalibrationStats.load(out), CalibrationStats.load(whole), exact=True)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out.safetensors", "whole.safetensors"]
+
+
+def test_ctrl_c_keeps_the_checkpoint_and_says_so(model_dir, corpus_dir, tmp_path):
+    """Ctrl-C after a checkpoint: exit 130, one line naming the checkpoint it kept, and --resume finishes the run."""
+    args = ("--model", model_dir, "--data", corpus_dir, "--seq-len", SEQ_LEN, "--batch-size", 1,
+            "--max-tokens", 400 * SEQ_LEN, "--checkpoint-every", SEQ_LEN, "--no-progress")
+    out, checkpoint = tmp_path / "out.safetensors", tmp_path / "out.safetensors.ckpt"
+    proc = popen_with_default_sigint(minigpt("calibrate", *args, "--out", out))
+    deadline = time.monotonic() + 240
+    while not checkpoint.exists():
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGINT)
+    err = proc.communicate(timeout=120)[1].strip().splitlines()
+    assert proc.returncode == 130 and not out.exists(), err
+    assert err == [f"minigpt: interrupted; kept 1 finished output (last: {checkpoint}), nothing partial"], err
+    assert _calibrate(*args, "--out", out, "--resume") == 0 and CalibrationStats.load(out).tokens == 400 * SEQ_LEN
 
 
 def test_checkpoint_of_another_run_is_refused(model_dir, corpus_dir, tmp_path, capsys):
