@@ -33,8 +33,10 @@ def compact(model, plan: PruningPlan, backend: str = "auto"):
 
 
 def save_pruned(model, tokenizer, out: str | os.PathLike, plan: PruningPlan | None = None,
-                source: str | os.PathLike | None = None, report: dict | None = None, write_weights=None) -> Path:
-    """Write a pruned model atomically to the new directory ``out`` (never over ``source``).
+                source: str | os.PathLike | None = None, report: dict | None = None, write_weights=None,
+                overwrite: bool = False) -> Path:
+    """Write a pruned model atomically to the new directory ``out`` (never over ``source``; over an existing
+    ``out`` only with ``overwrite``, replaced as a whole once the new one is complete).
 
     Uniform widths load with stock ``from_pretrained``. Per-layer widths add ``modeling_minigpt.py`` and an
     ``auto_map`` so ``from_pretrained(out, trust_remote_code=True)`` (and ``minigpt.load_model``) rebuild them.
@@ -50,7 +52,7 @@ def save_pruned(model, tokenizer, out: str | os.PathLike, plan: PruningPlan | No
         layout = dataclasses.asdict(adapters.get_layout(model))
         config.minigpt_layout = {k: layout[k] for k in ("blocks", "mlp", "rows", "cols", "conv1d")}
         config.auto_map = {"AutoModelForCausalLM": "modeling_minigpt.MiniGPTForCausalLM"}
-    with atomic_dir(out) as tmp:
+    with atomic_dir(out, overwrite=overwrite) as tmp:
         if write_weights is None:
             save_model(model, tokenizer, tmp)
         else:

@@ -4,7 +4,8 @@ One calibration per domain serves every activation metric (``stats/<domain>.safe
 uses the other domains' merged statistics as its reference. Each cell (``<domain>/<method>[-reverse]/r<ratio>``
 or ``.../t<threshold>``) prunes a copy of the base model, measures its relative size, held-out perplexity
 (on every domain for cells matching ``--cross``), cloze MCQ accuracy (``--mcq`` cells) and, for ``--finetune``
-cells, recovery fine-tuning to the base model's perplexity. A finished cell is written to ``cells/`` at once
+cells, recovery fine-tuning to the base model's perplexity (the fine-tuned model is saved in ``models/``, so
+``minigpt finetune --model`` can continue it). A finished cell is written to ``cells/`` at once
 and skipped when the sweep is run again, so an interrupted sweep resumes where it stopped (changed fine-tuning
 settings redo only the fine-tunes); ``results.md``, ``results.json`` and the plots are rewritten from the cells.
 """
@@ -187,6 +188,10 @@ class Experiment:
     def cell_path(self, cell: Cell) -> Path:
         return self.out / "cells" / (cell.id.replace("/", "__") + ".json")
 
+    def model_path(self, cell: Cell) -> Path:
+        """Where a fine-tuned cell's model is saved (``minigpt finetune --model`` continues its recovery)."""
+        return self.out / "models" / cell.id.replace("/", "__")
+
     def prune(self, cell: Cell):
         """A pruned deep copy of the base model and its plan."""
         from minigpt.pipeline import prune
@@ -239,8 +244,20 @@ class Experiment:
             if mcq:
                 report["mcq"] = self.mcq(model, cell.domain)
             result["finetune"] = {**report, "requested": requested}
+            self._save_model(cell, model, plan, result)
             self._write(path.relative_to(self.out), result)
         return result
+
+    def _save_model(self, cell: Cell, model, plan, result: dict) -> None:
+        """Save a fine-tuned cell's model with a report naming the unpruned source (the teacher and target of a
+        continued ``minigpt finetune``); it replaces the model of an earlier fine-tune of the cell."""
+        from minigpt.compact import save_pruned
+        from minigpt.io import default_model_path
+
+        source = str(self.settings.model or default_model_path())
+        report = {"source": source, "cell": cell.id, "finetune": result["finetune"]}
+        save_pruned(model, self.tokenizer, self.model_path(cell), plan=plan, source=source, report=report,
+                    overwrite=True)
 
     def run(self, cells: list[Cell], cross=(), mcq=("*",), finetune=()) -> list[dict]:
         """Run (or resume) every cell, rewriting the report after each; returns the cell results."""

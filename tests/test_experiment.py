@@ -7,8 +7,10 @@ import json
 import pytest
 from conftest import STDLIB, tiny_model
 
+import minigpt
 from minigpt import MiniGPTError
 from minigpt.cli import main
+from minigpt.evaluation import perplexity
 from minigpt.experiment import Experiment, Settings, grid
 
 DOMAINS = {"algo": ["heapq.py", "bisect.py", "queue.py", "graphlib.py", "sched.py", "colorsys.py", "fractions.py"],
@@ -67,6 +69,11 @@ def test_sweep_writes_table_matrix_plots_and_resumes(setup, capsys):
     assert all(b["mcq"]["total"] == 4 for b in report["base"].values())
     assert (out / "perplexity_vs_size.png").stat().st_size > 1000 and (out / "cross_domain.png").exists()
     assert (out / "recovery.png").stat().st_size > 1000  # the fine-tuned cell's curve
+    saved = json.loads((out / "models" / "algo__l1__r0.25" / "minigpt_report.json").read_text())
+    assert saved["source"] == settings.model and saved["finetune"] == ft  # `minigpt finetune` can continue it
+    tuned = minigpt.load_model(out / "models" / "algo__l1__r0.25")[0]
+    again = perplexity(tuned, exp.tokenizer, settings.corpora["algo"]["heldout"], seq_len=64, max_tokens=256)
+    assert again["perplexity"] == pytest.approx(ft["perplexity_after"], rel=1e-4)
 
     # resume: finished cells are not redone; a missing one is
     stamps = {p.name: p.stat().st_mtime_ns for p in (out / "cells").iterdir()}
@@ -87,6 +94,9 @@ def test_sweep_writes_table_matrix_plots_and_resumes(setup, capsys):
     assert redone[0]["finetune"]["settings"]["distill"]
     after = {p.name: p.stat().st_mtime_ns for p in (out / "cells").iterdir()}
     assert {n for n in after if after[n] != stamps[n]} == {"algo__l1__r0.25.json"}
+    saved = json.loads((out / "models" / "algo__l1__r0.25" / "minigpt_report.json").read_text())
+    assert saved["finetune"]["requested"]["max_steps"] == 2  # the model of the redone fine-tune replaced the old
+    assert sorted(p.name for p in (out / "models").iterdir()) == ["algo__l1__r0.25"]
 
     with pytest.raises(MiniGPTError, match="other settings"):
         Experiment(out, Settings(**{**settings.__dict__, "eval_tokens": 128}), progress=False)
