@@ -190,7 +190,7 @@ class Experiment:
 
     def model_path(self, cell: Cell) -> Path:
         """Where a fine-tuned cell's model is saved (``minigpt finetune --model`` continues its recovery)."""
-        return self.out / "models" / cell.id.replace("/", "__")
+        return self.out / "models" / self.cell_path(cell).stem
 
     def prune(self, cell: Cell):
         """A pruned deep copy of the base model and its plan."""
@@ -244,18 +244,18 @@ class Experiment:
             if mcq:
                 report["mcq"] = self.mcq(model, cell.domain)
             result["finetune"] = {**report, "requested": requested}
-            self._save_model(cell, model, plan, result)
+            self._save_model(cell, model, plan, result["finetune"])
             self._write(path.relative_to(self.out), result)
         return result
 
-    def _save_model(self, cell: Cell, model, plan, result: dict) -> None:
+    def _save_model(self, cell: Cell, model, plan, finetune: dict) -> None:
         """Save a fine-tuned cell's model with a report naming the unpruned source (the teacher and target of a
         continued ``minigpt finetune``); it replaces the model of an earlier fine-tune of the cell."""
         from minigpt.compact import save_pruned
         from minigpt.io import default_model_path
 
         source = str(self.settings.model or default_model_path())
-        report = {"source": source, "cell": cell.id, "finetune": result["finetune"]}
+        report = {"source": source, "cell": cell.id, "finetune": finetune}
         save_pruned(model, self.tokenizer, self.model_path(cell), plan=plan, source=source, report=report,
                     overwrite=True)
 
