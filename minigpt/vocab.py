@@ -1,8 +1,11 @@
-"""Vocabulary pruning: keep the tokens a domain uses, with a byte-level BPE tokenizer that stays valid.
+"""Vocabulary pruning: keep the tokens a domain uses, with a tokenizer that stays valid.
 
 ``plan_vocab`` picks the kept token ids, ``prune_tokenizer`` rewrites the fast tokenizer's JSON so it can only
 produce kept tokens (renumbered ``0..K-1``), ``shrink_vocab`` cuts the embedding and LM-head rows to match.
-Every byte-level base symbol stays, so any text remains encodable and ``decode(encode(text)) == text``.
+Two tokenizer families can be pruned, both of which can encode any text from a fixed set of base symbols that
+always stays: byte-level BPE (GPT-2, Llama 3, Qwen, SmolLM: the 256-symbol byte alphabet) and SentencePiece-style
+tokenizers with byte fallback (BPE as in Llama 2, Mistral and Gemma, or Unigram: the pieces ``<0x00>``…``<0xFF>``).
+So any text remains encodable and ``decode(encode(text)) == text`` whenever it holds for the original.
 """
 
 from __future__ import annotations
@@ -33,6 +36,11 @@ TOKENIZER_FIELDS = (
 )
 
 
+# The byte-fallback pieces of SentencePiece-style tokenizers: a character missing from the vocabulary is encoded as
+# the pieces of its UTF-8 bytes.
+BYTE_PIECES = tuple(f"<0x{b:02X}>" for b in range(256))
+
+
 def _byte_alphabet() -> list[str]:
     from tokenizers.pre_tokenizers import ByteLevel
 
@@ -47,20 +55,51 @@ def _has_byte_level(pre: dict | None) -> bool:
     return pre["type"] == "Sequence" and any(_has_byte_level(p) for p in pre["pretokenizers"])
 
 
+def _byte_fallback(model: dict) -> bool:
+    """A BPE or Unigram model that encodes unknown characters as its ``<0xNN>`` pieces, all 256 of them present."""
+    return bool(model.get("byte_fallback")) and set(BYTE_PIECES) <= _model_vocab(model).keys()
+
+
 def _spec(tokenizer) -> dict:
-    """The tokenizer's ``tokenizer.json`` as a dict; refuses anything but a byte-level BPE."""
+    """The tokenizer's ``tokenizer.json`` as a dict; refuses all but byte-level BPE and byte-fallback BPE/Unigram."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is None:
         raise MiniGPTError("vocabulary pruning needs a fast (tokenizers-backed) tokenizer")
     spec = json.loads(backend.to_str())
-    kind = spec["model"]["type"]
+    model = spec["model"]
+    kind = model["type"]
     pre = (spec.get("pre_tokenizer") or {}).get("type")
-    if kind != "BPE" or not _has_byte_level(spec.get("pre_tokenizer")):
+    byte_level = kind == "BPE" and _has_byte_level(spec.get("pre_tokenizer"))
+    if not byte_level and not (kind in ("BPE", "Unigram") and _byte_fallback(model)):
         raise MiniGPTError(
-            f"vocabulary pruning needs a byte-level BPE tokenizer (model {kind}, pre-tokenizer {pre}):"
-            " without the byte alphabet, dropping tokens would make some text unencodable"
+            f"vocabulary pruning needs a byte-level BPE tokenizer or a BPE/Unigram one with byte fallback "
+            f"(model {kind}, pre-tokenizer {pre}, byte_fallback {model.get('byte_fallback', False)}):"
+            " without the byte alphabet or the <0x00>..<0xFF> pieces, dropping tokens would make some text unencodable"
         )
     return spec
+
+
+def _model_vocab(model: dict) -> dict[str, int]:
+    """Piece → id of a BPE (a dict already) or Unigram (a list of ``[piece, score]``, id = position) model."""
+    if model["type"] == "Unigram":
+        return {piece: i for i, (piece, _) in enumerate(model["vocab"])}
+    return model["vocab"]
+
+
+def _base_symbols(spec: dict) -> list[str]:
+    """The pieces that let any text be encoded: the byte-level alphabet, or the byte-fallback pieces."""
+    vocab = _model_vocab(spec["model"])
+    symbols = BYTE_PIECES if spec["model"].get("byte_fallback") else _byte_alphabet()
+    return [s for s in symbols if s in vocab]
+
+
+def _unknown_pieces(model: dict) -> list[str]:
+    """Pieces kept so unknown characters are handled as before: the unknown token and, for Unigram, the
+    lowest-scoring piece (its score sets the penalty of an unknown character in the Viterbi search)."""
+    if model["type"] != "Unigram":
+        return [model["unk_token"]] if model.get("unk_token") in model["vocab"] else []
+    pieces = [] if model.get("unk_id") is None else [model["vocab"][model["unk_id"]][0]]
+    return pieces + [min(model["vocab"], key=lambda piece_score: piece_score[1])[0]]
 
 
 def _pairs(model: dict) -> list[tuple[str, str]]:
@@ -73,7 +112,7 @@ def _merge_result(left: str, right: str, prefix: str) -> str:
 
 
 def _id_to_token(spec: dict) -> dict[int, str]:
-    ids = {i: t for t, i in spec["model"]["vocab"].items()}
+    ids = {i: t for t, i in _model_vocab(spec["model"]).items()}
     ids.update({a["id"]: a["content"] for a in spec["added_tokens"]})
     return ids
 
@@ -81,6 +120,8 @@ def _id_to_token(spec: dict) -> dict[int, str]:
 def _merge_parts(spec: dict) -> dict[int, list[tuple[int, int]]]:
     """For each token id, the ``(left, right)`` id pairs of every merge that produces it."""
     model = spec["model"]
+    if model["type"] != "BPE":
+        return {}
     vocab, prefix = model["vocab"], model.get("continuing_subword_prefix") or ""
     parts: dict[int, list[tuple[int, int]]] = {}
     for left, right in _pairs(model):
@@ -111,17 +152,20 @@ def plan_vocab(
     pad_to: int = 1,
     min_size: int = 0,
 ) -> torch.Tensor:
-    """Old token ids to keep (ascending): frequent, special, byte-alphabet and ``always_keep`` tokens, merge-closed.
+    """Old token ids to keep (ascending): frequent, special, base-symbol and ``always_keep`` tokens, merge-closed.
 
     ``counts[i]`` is how often id ``i`` appeared in the calibration corpus (ids past the tokenizer's vocabulary,
     e.g. padding rows of the embedding, are ignored and dropped). The merge-closure adds both parts of every merge
     that produces a kept token, recursively, so any text whose original tokenisation uses only kept tokens
-    tokenises identically. The most frequent remaining tokens (ties: lowest id, i.e. earliest merge), with their
+    tokenises identically (BPE). For a Unigram model, that text's best segmentation stays the best: the kept pieces
+    and their scores are unchanged, and keeping the lowest-scoring piece keeps the penalty of an unknown character,
+    so a segmentation through a dropped piece's unknown character scores below the original's best. The most
+    frequent remaining tokens (ties: lowest id, i.e. earliest merge), with their
     closures, are then added until at least ``min_size`` tokens are kept and the count is a multiple of ``pad_to``
     (or nothing is left to add).
     """
     spec = _spec(tokenizer)
-    vocab, id_to_tok = spec["model"]["vocab"], _id_to_token(spec)
+    vocab, id_to_tok = _model_vocab(spec["model"]), _id_to_token(spec)
     size = max(id_to_tok) + 1
     counts = torch.as_tensor(counts).flatten().long()
     if counts.numel() < size:
@@ -132,9 +176,7 @@ def plan_vocab(
     keep = [i in id_to_tok and counts[i] >= min_count for i in range(size)]
 
     forced = [a["id"] for a in spec["added_tokens"]] + list(tokenizer.all_special_ids)
-    forced += [vocab[c] for c in _byte_alphabet() if c in vocab]
-    if spec["model"].get("unk_token") in vocab:
-        forced.append(vocab[spec["model"]["unk_token"]])
+    forced += [vocab[c] for c in _base_symbols(spec) + _unknown_pieces(spec["model"])]
     token_ids = {t: i for i, t in id_to_tok.items()}
     for tok in always_keep:
         if tok not in token_ids:
@@ -173,35 +215,49 @@ def _remap_processor(proc: dict | None, new_id: dict[int, int]) -> None:
             proc[key] = [proc[key][0], new_id[proc[key][1]]]
 
 
+def _prune_unigram(model: dict, keep: list[int], vocab: dict[str, int], new_id: dict[int, int]) -> None:
+    """Keep the Unigram pieces ``vocab`` (with their scores) at their new ids, in place; renumber ``unk_id``."""
+    if sorted(vocab.values()) != list(range(len(vocab))):
+        raise MiniGPTError("a Unigram tokenizer's kept model pieces must come first in keep_ids (ids are positions)")
+    model["vocab"] = [model["vocab"][old] for old in keep if old < len(model["vocab"])]
+    if model.get("unk_id") is not None:
+        model["unk_id"] = new_id[model["unk_id"]]
+
+
 def prune_tokenizer(tokenizer, keep_ids: torch.Tensor | Sequence[int]):
     """A new fast tokenizer with only ``keep_ids`` (new id = position in ``keep_ids``); specials/template kept.
 
-    Merges survive only if both parts and the result are kept, so a dropped token can never be produced.
-    Every added/special token and every byte-alphabet symbol of the original must be in ``keep_ids``.
+    Merges survive only if both parts and the result are kept, so a dropped token can never be produced; a Unigram
+    model keeps its pieces' scores (its model pieces must come first in ``keep_ids``, as ids are list positions).
+    Every added/special token, base symbol (byte alphabet or byte-fallback piece) and the Unigram unknown piece of
+    the original must be in ``keep_ids``.
     """
     from tokenizers import Tokenizer
     from transformers import PreTrainedTokenizerFast
 
     spec = _spec(tokenizer)
     model, id_to_tok = spec["model"], _id_to_token(spec)
+    model_vocab = _model_vocab(model)
     keep = [int(i) for i in keep_ids]
     if len(set(keep)) != len(keep) or any(i not in id_to_tok for i in keep):
         raise MiniGPTError("keep_ids must be distinct ids of the tokenizer's vocabulary")
     new_id = {old: new for new, old in enumerate(keep)}
-    required = [a["id"] for a in spec["added_tokens"]] + [
-        model["vocab"][c] for c in _byte_alphabet() if c in model["vocab"]
-    ]
+    required = [a["id"] for a in spec["added_tokens"]] + [model_vocab[c] for c in _base_symbols(spec)]
+    required += [model_vocab[p] for p in _unknown_pieces(model)[:1] if model["type"] == "Unigram"]
     if dropped := [id_to_tok[i] for i in required if i not in new_id]:
-        raise MiniGPTError(f"cannot drop special/added or byte-alphabet tokens: {dropped[:5]}")
+        raise MiniGPTError(f"cannot drop special/added, unknown or byte-alphabet/byte-fallback tokens: {dropped[:5]}")
 
-    vocab = {id_to_tok[old]: new for old, new in new_id.items() if id_to_tok[old] in model["vocab"]}
-    prefix = model.get("continuing_subword_prefix") or ""
-    model["merges"] = [
-        m
-        for m, (a, b) in zip(model["merges"], _pairs(model))
-        if a in vocab and b in vocab and _merge_result(a, b, prefix) in vocab
-    ]
-    model["vocab"] = vocab
+    vocab = {id_to_tok[old]: new for old, new in new_id.items() if id_to_tok[old] in model_vocab}
+    if model["type"] == "Unigram":
+        _prune_unigram(model, keep, vocab, new_id)
+    else:
+        prefix = model.get("continuing_subword_prefix") or ""
+        model["merges"] = [
+            m
+            for m, (a, b) in zip(model["merges"], _pairs(model))
+            if a in vocab and b in vocab and _merge_result(a, b, prefix) in vocab
+        ]
+        model["vocab"] = vocab
     for added in spec["added_tokens"]:
         added["id"] = new_id[added["id"]]
     _remap_processor(spec.get("post_processor"), new_id)
