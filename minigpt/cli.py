@@ -88,6 +88,9 @@ def build_parser() -> argparse.ArgumentParser:
                          "than RAM; needs --stats or --plan; no evaluation)")
     pr.add_argument("--json", action="store_true", help="print the report as JSON")
     _add_eval_args(pr, "--eval-data")
+    from minigpt import moe_cli
+
+    moe_cli.add_prune_arguments(pr)
 
     ev = sub.add_parser("eval", help="perplexity and size of a model")
     _add_model_args(ev)
@@ -218,6 +221,10 @@ def cmd_prune(args) -> None:
     source = args.model or default_model_path()
     out = Path(args.out)
     _check_out(out, source)
+    from minigpt import moe_cli
+
+    if moe_cli.wanted(args):
+        return moe_cli.run_prune(args, source, out, _load)
     stats = CalibrationStats.load(args.stats) if args.stats else None
     given_plan = PruningPlan.load(args.plan) if args.plan else None
     if stats is None and given_plan is None:

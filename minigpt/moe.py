@@ -160,22 +160,27 @@ def _neuron_sums(prefix: str, shape: tuple[int, ...]) -> dict[str, torch.Tensor]
 
 
 class _Scratch:
-    """fp32 per-batch scratch ``acc: (..., 3, N)`` and ``nnz: (..., N)`` for ``ops.column_stats``, folded into fp64."""
+    """fp32 per-batch scratch ``acc: (..., 3, N)`` and ``nnz: (..., N)`` for ``ops.column_stats`` on the
+    activations' device, folded into the fp64 sums (on the CPU) after every batch."""
 
     def __init__(self, shape: tuple[int, ...], backend: str):
-        self.acc = torch.zeros(*shape[:-1], 3, shape[-1], dtype=torch.float32)
-        self.nnz = torch.zeros(shape, dtype=torch.int64)
-        self.backend = backend
+        self.shape, self.backend, self.acc, self.nnz = shape, backend, None, None
 
     def add(self, h: torch.Tensor, *index: int) -> None:
         """Statistics of ``h: (tokens, N)`` into the scratch row ``index`` (an expert), or the whole scratch."""
+        if self.acc is None:
+            self.acc = torch.zeros(*self.shape[:-1], 3, self.shape[-1], dtype=torch.float32, device=h.device)
+            self.nnz = torch.zeros(self.shape, dtype=torch.int64, device=h.device)
         ops.column_stats(h.float(), self.acc[index], self.nnz[index], backend=self.backend)
 
     def fold(self, layer: dict[str, torch.Tensor], prefix: str) -> None:
-        layer[f"{prefix}sum_abs"] += self.acc[..., 0, :].double()
-        layer[f"{prefix}sum_sq"] += self.acc[..., 1, :].double()
-        torch.maximum(layer[f"{prefix}max_abs"], self.acc[..., 2, :], out=layer[f"{prefix}max_abs"])
-        layer[f"{prefix}nonzero"] += self.nnz
+        if self.acc is None:
+            return
+        acc = self.acc.cpu()
+        layer[f"{prefix}sum_abs"] += acc[..., 0, :].double()
+        layer[f"{prefix}sum_sq"] += acc[..., 1, :].double()
+        torch.maximum(layer[f"{prefix}max_abs"], acc[..., 2, :], out=layer[f"{prefix}max_abs"])
+        layer[f"{prefix}nonzero"] += self.nnz.cpu()
         self.acc.zero_()
         self.nnz.zero_()
 
@@ -256,8 +261,6 @@ def collect(model, batches, stats: MoEStats | None = None, backend: str = "auto"
     stats = stats if stats is not None else MoEStats.empty(fingerprint(model))
     check_fingerprint(stats.fingerprint, fingerprint(model), "expert statistics")
     device = model.get_input_embeddings().weight.device
-    if device.type != "cpu":
-        raise MiniGPTError("expert statistics are collected on the CPU for now (the scratch lives there)")
     with collecting(model, stats, ops.resolve_backend(backend, device)) as fold:
         for input_ids in batches:
             model.base_model(input_ids=input_ids.to(device), use_cache=False)

@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import json
+import sysconfig
+from pathlib import Path
+
 import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
+from minigpt.cli import main
 from minigpt.errors import MiniGPTError
 from minigpt.moe import (
     MoEPlan,
@@ -20,6 +25,7 @@ from minigpt.moe import (
     prune_moe,
 )
 
+STDLIB = Path(sysconfig.get_paths()["stdlib"])
 FAMILIES = ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe"]
 EXPERTS, WIDTH, SHARED_WIDTH, TOP_K = 8, 32, 64, 2
 DEAD_EXPERTS = (5, 7)  # router rows set to zero: logit 0, below the two positive logits of every token
@@ -28,8 +34,8 @@ NEURON_RATIO = len(ZERO_NEURONS) / WIDTH
 SHARED_ZERO = [*range(0, 64, 8), *range(3, 64, 8)]  # the same ratio of the shared expert's neurons
 
 
-def moe_config(family: str, norm_topk_prob: bool = True):
-    kwargs = {"vocab_size": 512, "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2,
+def moe_config(family: str, norm_topk_prob: bool = True, vocab_size: int = 512):
+    kwargs = {"vocab_size": vocab_size, "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2,
               "num_key_value_heads": 1, "head_dim": 16, "max_position_embeddings": 128, "num_experts": EXPERTS,
               "num_experts_per_tok": TOP_K, "intermediate_size": WIDTH, "bos_token_id": 1, "eos_token_id": 2,
               "pad_token_id": 0}
@@ -44,10 +50,10 @@ def moe_config(family: str, norm_topk_prob: bool = True):
     return AutoConfig.for_model(family, **kwargs)
 
 
-def moe_model(family: str, norm_topk_prob: bool = True, seed: int = 0):
+def moe_model(family: str, norm_topk_prob: bool = True, seed: int = 0, vocab_size: int = 512):
     """A tiny random model whose routers never select ``DEAD_EXPERTS`` and whose experts have ``ZERO_NEURONS``."""
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(moe_config(family, norm_topk_prob)).eval()
+    model = AutoModelForCausalLM.from_config(moe_config(family, norm_topk_prob, vocab_size)).eval()
     with torch.no_grad():
         for moe in moe_layers(model):
             w = torch.randn(EXPERTS, model.config.hidden_size)
@@ -189,3 +195,55 @@ def test_plan_refusals():
         plan_moe(stats, experts=0.9)
     with pytest.raises(MiniGPTError, match="criterion"):
         plan_moe(stats, experts=0.5, criterion="popularity")
+
+
+@pytest.fixture(scope="module")
+def moe_dir(tmp_path_factory) -> Path:
+    """A tiny Mixtral with dead experts and a trained byte-level BPE tokenizer, saved as a model directory."""
+    from test_vocab import train_tiny_tokenizer
+
+    tokenizer = train_tiny_tokenizer()
+    path = tmp_path_factory.mktemp("moe") / "tiny-mixtral"
+    moe_model("mixtral", vocab_size=len(tokenizer)).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def test_cli_prunes_experts_and_saves_a_stock_model(moe_dir, tmp_path, capsys):
+    out = tmp_path / "pruned"
+    args = ["prune", "--model", str(moe_dir), "--experts", "0.25", "--expert-neurons", "0.25", "--data",
+            str(STDLIB / "argparse.py"), "--max-tokens", "512", "--seq-len", "64", "--eval-data",
+            str(STDLIB / "shlex.py"), "--eval-tokens", "256", "--eval-seq-len", "64", "--no-progress", "--out", str(out)]
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    assert "| 1 | [0, 1, 2, 3, 4, 6] | 1.000 |" in printed and "perplexity" in printed
+    report = json.loads((out / "minigpt_report.json").read_text())
+    assert report["moe"]["tokens"] == 512 and report["params"]["after"]["experts"] < report["params"]["before"]["experts"]
+    model = AutoModelForCausalLM.from_pretrained(out)
+    assert model.config.num_local_experts == 6 and model.config.intermediate_size == 24
+    assert MoEStats.load(out / "minigpt_expert_stats.safetensors").tokens == 512
+    again = tmp_path / "again"  # the saved statistics plan again without calibrating
+    assert main(["prune", "--model", str(moe_dir), "--experts", "0.5", "--expert-stats",
+                 str(out / "minigpt_expert_stats.safetensors"), "--no-eval", "--out", str(again)]) == 0
+    assert AutoModelForCausalLM.from_pretrained(again).config.num_local_experts == 4
+
+
+@pytest.mark.parametrize(("extra", "message"), [
+    (["--experts", "1.0"], "must be in [0, 1)"),
+    (["--experts", "0.9"], "keeps 1 of 8 experts per layer, fewer than the 2"),
+    (["--experts", "0.5", "--vocab"], "--vocab cannot be combined"),
+    (["--experts", "0.5", "--metric", "wanda"], "not available inside experts"),
+])
+def test_cli_refuses_bad_expert_plans_in_one_line(moe_dir, tmp_path, capsys, extra, message):
+    assert main(["prune", "--model", str(moe_dir), *extra, "--out", str(tmp_path / "x")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("minigpt: error: ") and message in err and err.count("\n") == 1
+    assert not (tmp_path / "x").exists()
+
+
+def test_cli_refuses_experts_on_a_dense_model(tmp_path, capsys):
+    from conftest import tiny_model
+
+    tiny_model("llama").save_pretrained(tmp_path / "llama")
+    assert main(["prune", "--model", str(tmp_path / "llama"), "--experts", "0.5", "--out", str(tmp_path / "x")]) == 2
+    assert "need a mixture-of-experts model" in capsys.readouterr().err

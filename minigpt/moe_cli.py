@@ -1,0 +1,111 @@
+"""``minigpt prune --experts R / --expert-neurons R``: the mixture-of-experts path of the prune command.
+
+Calibrates routing and expert statistics on the domain corpus (or reads ``--expert-stats``), removes the least
+routed-to experts and the least used neurons inside experts, evaluates, and saves a stock-loadable directory with
+``minigpt_plan.json``, ``minigpt_report.json`` and the statistics (``minigpt_expert_stats.safetensors``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from pathlib import Path
+
+from minigpt import moe
+from minigpt.errors import MiniGPTError
+
+# prune options that mean nothing on the expert path, with the value that says they were not given
+_DENSE_ONLY = {"stats": None, "plan": None, "threshold": None, "ratio": None, "reference_stats": None,
+               "reference_data": None, "vocab": False, "out_of_core": False, "reverse": False}
+
+
+def add_prune_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--experts", type=float, metavar="R", help="mixture-of-experts models: remove this fraction of "
+                   "every sparse layer's experts, the least routed to on the corpus (README: Mixture of experts)")
+    p.add_argument("--expert-criterion", default="freq", choices=moe.CRITERIA,
+                   help="rank experts by top-k selections (freq) or by routing-weight mass (mass)")
+    p.add_argument("--expert-neurons", type=float, metavar="R", help="remove this fraction of the neurons of every "
+                   "kept (and shared) expert, by --metric over the tokens routed to it")
+    p.add_argument("--expert-stats", help="expert statistics saved by an earlier --experts run (instead of calibrating)")
+
+
+def wanted(args) -> bool:
+    return args.experts is not None or args.expert_neurons is not None
+
+
+def _check(args, source) -> None:
+    """Every refusal that needs no weights: options of the dense path, metric, ratios against the config."""
+    from transformers import AutoConfig
+
+    from minigpt.data import resolve_files
+
+    given = [f"--{k.replace('_', '-')}" for k, unset in _DENSE_ONLY.items() if getattr(args, k, unset) != unset]
+    if given:
+        raise MiniGPTError(f"{', '.join(given)} cannot be combined with --experts/--expert-neurons")
+    if args.metric not in moe.NEURON_METRICS:
+        raise MiniGPTError(f"--metric {args.metric} is not available inside experts; use one of "
+                           f"{', '.join(moe.NEURON_METRICS)}")
+    if str(source).endswith(".gguf"):
+        raise MiniGPTError("expert pruning needs a Hugging Face model directory, not a .gguf file")
+    try:
+        config = AutoConfig.from_pretrained(source)
+    except (OSError, ValueError) as err:
+        raise MiniGPTError(f"cannot read the config of {source}: {str(err).splitlines()[0]}") from err
+    moe.check_expert_ratio(config, args.experts, args.expert_neurons)
+    if args.expert_stats is None:
+        resolve_files(args.data)
+    if not args.no_eval:
+        resolve_files(args.eval_data, default="stdlib-heldout")
+
+
+def _perplexity(model, tokenizer, args) -> dict:
+    from minigpt.evaluation import perplexity
+
+    return perplexity(model, tokenizer, args.eval_data, seq_len=args.eval_seq_len, stride=args.stride,
+                      max_tokens=args.eval_tokens, doc_tokens=args.eval_doc_tokens, progress=not args.no_progress)
+
+
+def run_prune(args, source, out: Path, load) -> None:
+    """The prune command on a MoE model; ``load(args) -> (model, tokenizer)`` is the CLI's loader."""
+    from minigpt.io import atomic_dir, save_model
+
+    _check(args, source)
+    model, tokenizer = load(args)
+    if args.expert_stats:
+        stats = moe.MoEStats.load(args.expert_stats)
+    else:
+        stats = moe.calibrate_moe(model, tokenizer, args.data, max_tokens=args.max_tokens, seq_len=args.seq_len,
+                                  batch_size=args.batch_size, text_field=args.text_field, doc_tokens=args.doc_tokens,
+                                  backend=args.backend)
+    plan = moe.plan_moe(stats, args.experts, args.expert_criterion, args.expert_neurons, metric=args.metric,
+                        multiple=math.lcm(args.multiple, moe.EXPERT_WIDTH_MULTIPLE))
+    before = None if args.no_eval else _perplexity(model, tokenizer, args)
+    params_before = moe.moe_parameter_counts(model)
+    moe.prune_moe(model, plan)
+    report = {"source": str(source), "moe": moe.moe_report(stats, plan),
+              "params": {"before": params_before, "after": moe.moe_parameter_counts(model)},
+              "before": before, "after": None if args.no_eval else _perplexity(model, tokenizer, args)}
+    with atomic_dir(out) as tmp:
+        save_model(model, tokenizer, tmp)
+        (tmp / "minigpt_plan.json").write_text(plan.to_json())
+        (tmp / "minigpt_report.json").write_text(json.dumps(report, indent=1))
+        stats.save(tmp / "minigpt_expert_stats.safetensors")
+    print(json.dumps(report, indent=1) if args.json else summary(report, out))
+
+
+def summary(report: dict, out) -> str:
+    """Kept experts and routing shares per layer, parameters and perplexity before/after, as text."""
+    info = report["moe"]
+    head = (f"saved to {out}; {info['tokens']:,} calibration tokens, top-{info['top_k']} routing, "
+            f"norm_topk_prob {info['norm_topk_prob']}")
+    lines = [head, "", "| layer | kept experts | kept routed share | removed router mass |", "|---:|---|---:|---:|"]
+    for layer in info["layers"]:
+        lines.append(f"| {layer['layer']} | {layer['kept']} | {layer['kept_routed_share']:.3f} | "
+                     f"{layer['removed_router_mass']:.4f} |")
+    b, a = report["params"]["before"], report["params"]["after"]
+    lines += ["", "| | before | after |", "|---|---:|---:|"]
+    lines += [f"| {k} parameters | {b[k]:,} | {a[k]:,} |" for k in ("total", "experts", "router", "shared_experts")]
+    if report["before"] is not None:
+        lines.append(f"| perplexity | {report['before']['perplexity']:.3f} | {report['after']['perplexity']:.3f} |")
+    return "\n".join(lines)
