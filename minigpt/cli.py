@@ -154,6 +154,10 @@ def cmd_calibrate(args) -> None:
     device = distributed.setup(device)
     try:
         model, tokenizer = load_model(args.model, dtype=dtype, device=device, device_map=args.device_map)
+        from minigpt import moe, moe_cli
+
+        if moe.is_moe(model):
+            return moe_cli.calibrate(model, tokenizer, args, out)
         stats = calibrate(model, tokenizer, args.data, backend=args.backend, checkpoint=checkpoint,
                           checkpoint_every=args.checkpoint_every, resume=args.resume, **_calibration_kwargs(args))
         if distributed.rank_world()[0] == 0:

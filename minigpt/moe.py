@@ -269,16 +269,51 @@ def collect(model, batches, stats: MoEStats | None = None, backend: str = "auto"
     return stats
 
 
-def calibrate_moe(model, tokenizer, data=None, *, max_tokens: int = 16384, seq_len: int = 512, batch_size: int = 8,
-                  text_field: str = "text", seed: int | None = 0, doc_tokens: int | None = None,
+def all_reduce(stats: MoEStats) -> MoEStats:
+    """Every rank's statistics summed (maxima: the max), in place on every rank; unchanged without a process group."""
+    import torch.distributed as dist
+
+    from minigpt import distributed
+
+    if not dist.is_initialized():
+        return stats
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else None
+    for layer in stats.layers:
+        for key, t in layer.items():
+            t = t.to(device or t.device)
+            dist.all_reduce(t, op=dist.ReduceOp.MAX if key in _MAXIMA else dist.ReduceOp.SUM)
+            layer[key] = t.cpu()
+    stats.tokens = distributed.all_sum([stats.tokens])[0]
+    return stats
+
+
+def calibrate_moe(model, tokenizer, data=None, *, max_tokens: int | None = 16384, seq_len: int = 512,
+                  batch_size: int = 8, text_field: str = "text", seed: int | None = 0, doc_tokens: int | None = None,
                   backend: str = "auto") -> MoEStats:
-    """Routing and expert statistics of ``model`` over the corpus ``data`` (files, dirs or corpus names)."""
+    """Routing and expert statistics of ``model`` over the corpus ``data`` (files, dirs or corpus names).
+
+    Under ``torchrun`` each rank streams its own shard of the documents and its part of ``max_tokens``; every rank
+    returns the summed statistics.
+    """
+    from minigpt import distributed
     from minigpt.data import Batches, resolve_files
 
-    batches = Batches(tokenizer, resolve_files(data), seq_len=seq_len, batch_size=batch_size, max_tokens=max_tokens,
-                      text_field=text_field, seed=seed, doc_tokens=doc_tokens)
-    stats = collect(model, batches, backend=backend)
-    stats.meta["corpus"] = {"data": data or "stdlib", "max_tokens": max_tokens, "seq_len": seq_len}
+    rank, world = distributed.rank_world()
+    mine = None
+    if max_tokens is not None:
+        sequences = -(-max_tokens // seq_len)
+        mine = (sequences // world + (rank < sequences % world)) * seq_len
+    stats = MoEStats.empty(fingerprint(model))
+    if mine != 0:
+        batches = Batches(tokenizer, resolve_files(data), seq_len=seq_len, batch_size=batch_size, max_tokens=mine,
+                          text_field=text_field, seed=seed, doc_tokens=doc_tokens, rank=rank, world_size=world,
+                          allow_empty=world > 1)
+        collect(model, batches, stats, backend=backend)
+    stats = all_reduce(stats)
+    if stats.tokens == 0:
+        raise MiniGPTError(f"corpus too small: no whole sequence of {seq_len} tokens (lower --seq-len or add data)")
+    stats.meta.update(corpus={"data": data or "stdlib", "max_tokens": max_tokens, "seq_len": seq_len},
+                      world_size=world)
     return stats
 
 

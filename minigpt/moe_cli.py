@@ -59,6 +59,21 @@ def _check(args, source) -> None:
         resolve_files(args.eval_data, default="stdlib-heldout")
 
 
+def calibrate(model, tokenizer, args, out: Path) -> None:
+    """``minigpt calibrate`` on a MoE model: expert statistics (every rank its shard; rank 0 writes them)."""
+    from minigpt import distributed
+
+    if args.resume:
+        raise MiniGPTError("expert statistics have no checkpoint to resume from yet")
+    stats = moe.calibrate_moe(model, tokenizer, args.data, max_tokens=args.max_tokens, seq_len=args.seq_len,
+                              batch_size=args.batch_size, text_field=args.text_field, doc_tokens=args.doc_tokens,
+                              backend=args.backend)
+    if distributed.rank_world()[0] == 0:
+        stats.save(out)
+        ranks = f" over {stats.meta['world_size']} ranks" if stats.meta["world_size"] > 1 else ""
+        print(f"wrote {out}: expert statistics of {len(stats.layers)} sparse layers, {stats.tokens} tokens{ranks}")
+
+
 def _perplexity(model, tokenizer, args) -> dict:
     from minigpt.evaluation import perplexity
 

@@ -247,3 +247,27 @@ def test_cli_refuses_experts_on_a_dense_model(tmp_path, capsys):
     tiny_model("llama").save_pretrained(tmp_path / "llama")
     assert main(["prune", "--model", str(tmp_path / "llama"), "--experts", "0.5", "--out", str(tmp_path / "x")]) == 2
     assert "need a mixture-of-experts model" in capsys.readouterr().err
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_calibrate_on_two_ranks_equals_one_process(tiny_tokenizer, tmp_path):
+    """``minigpt calibrate`` on a MoE model writes expert statistics; under ``torchrun`` each rank takes its shard."""
+    from scale_helpers import SEQ_LEN, aligned_corpus, aligned_tokens, run, save_model, torchrun
+
+    model = save_model(moe_model("qwen2_moe", vocab_size=len(tiny_tokenizer)), tiny_tokenizer, tmp_path / "model")
+    corpus = aligned_corpus(tiny_tokenizer, tmp_path / "corpus", docs=9)
+    args = ("--model", model, "--data", corpus, "--seq-len", SEQ_LEN, "--batch-size", 2, "--max-tokens", 10**9,
+            "--no-progress")
+    single, dist = tmp_path / "single.safetensors", tmp_path / "dist.safetensors"
+    assert main(["calibrate", *map(str, args), "--out", str(single)]) == 0
+    done = run(torchrun(2, "calibrate", *args, "--out", dist))
+    assert done.returncode == 0, done.stderr
+    assert "over 2 ranks" in done.stdout and done.stdout.count("wrote") == 1
+    a, b = MoEStats.load(single), MoEStats.load(dist)
+    assert a.tokens == b.tokens == aligned_tokens(corpus)
+    for x, y in zip(a.layers, b.layers):
+        for key in x:
+            if x[key].dtype == torch.int64:
+                assert torch.equal(x[key], y[key]), key
+            else:
+                torch.testing.assert_close(x[key], y[key], rtol=1e-5, atol=1e-6)
