@@ -21,6 +21,7 @@ import json
 import os
 import types
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -191,6 +192,8 @@ def _experts_forward(scratch: _Scratch):
     def forward(self, hidden_states, top_k_index, top_k_weights):
         out = torch.zeros_like(hidden_states)
         for e in top_k_index.unique().tolist():
+            if e >= self.gate_up_proj.shape[0]:  # the index transformers uses for "no expert" (skipped there too)
+                continue
             pos, tok = torch.where(top_k_index.T == e)
             gate, up = F.linear(hidden_states[tok], self.gate_up_proj[e]).chunk(2, dim=-1)
             h = self.act_fn(gate) * up
@@ -334,7 +337,7 @@ class MoEPlan:
     @classmethod
     def load(cls, path: str | os.PathLike) -> MoEPlan:
         try:
-            return cls(**json.loads(open(path).read()))
+            return cls(**json.loads(Path(path).read_text()))
         except (OSError, ValueError, TypeError) as err:
             raise MiniGPTError(f"cannot read expert plan {path}: {err}") from err
 

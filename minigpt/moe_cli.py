@@ -86,10 +86,9 @@ def run_prune(args, source, out: Path, load) -> None:
     from minigpt.io import atomic_dir, save_model
 
     _check(args, source)
+    stats = moe.MoEStats.load(args.expert_stats) if args.expert_stats else None
     model, tokenizer = load(args)
-    if args.expert_stats:
-        stats = moe.MoEStats.load(args.expert_stats)
-    else:
+    if stats is None:
         stats = moe.calibrate_moe(model, tokenizer, args.data, max_tokens=args.max_tokens, seq_len=args.seq_len,
                                   batch_size=args.batch_size, text_field=args.text_field, doc_tokens=args.doc_tokens,
                                   backend=args.backend)

@@ -233,6 +233,7 @@ def test_cli_prunes_experts_and_saves_a_stock_model(moe_dir, tmp_path, capsys):
     (["--experts", "0.9"], "keeps 1 of 8 experts per layer, fewer than the 2"),
     (["--experts", "0.5", "--vocab"], "--vocab cannot be combined"),
     (["--experts", "0.5", "--metric", "wanda"], "not available inside experts"),
+    (["--experts", "0.5", "--expert-stats", "/nonexistent/moe.safetensors"], "cannot read expert statistics"),
 ])
 def test_cli_refuses_bad_expert_plans_in_one_line(moe_dir, tmp_path, capsys, extra, message):
     assert main(["prune", "--model", str(moe_dir), *extra, "--out", str(tmp_path / "x")]) == 2
