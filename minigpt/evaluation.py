@@ -7,16 +7,20 @@ import math
 import torch
 from torch import nn
 
-from minigpt import adapters
+from minigpt import adapters, moe
 from minigpt.data import iter_texts, iter_token_ids, resolve_files
 
 
 def parameter_counts(model) -> dict[str, int]:
     """Unique parameters (tied weights once): total, mlp, attention, embedding (+ untied LM head), other."""
     owner: dict[int, str] = {}
-    layout = adapters.get_layout(model)
-    mlp_ids = {id(p) for m in adapters.mlps(model) for n in (*layout.rows, *layout.cols)
-               for p in getattr(m, n).parameters()}
+    if moe.is_moe(model):  # routed experts, routers and shared experts
+        mlp_ids = {id(p) for m in moe.moe_layers(model) for part in (m.experts, m.router, m.shared)
+                   if part is not None for p in part.parameters()}
+    else:
+        layout = adapters.get_layout(model)
+        mlp_ids = {id(p) for m in adapters.mlps(model) for n in (*layout.rows, *layout.cols)
+                   for p in getattr(m, n).parameters()}
     head = model.get_output_embeddings()
     emb_ids = {id(p) for m in model.modules() if isinstance(m, nn.Embedding) for p in m.parameters()}
     emb_ids |= {id(p) for p in (head.parameters() if head is not None else ())}

@@ -226,6 +226,11 @@ def test_cli_prunes_experts_and_saves_a_stock_model(moe_dir, tmp_path, capsys):
     assert main(["prune", "--model", str(moe_dir), "--experts", "0.5", "--expert-stats",
                  str(out / "minigpt_expert_stats.safetensors"), "--no-eval", "--out", str(again)]) == 0
     assert AutoModelForCausalLM.from_pretrained(again).config.num_local_experts == 4
+    capsys.readouterr()
+    assert main(["eval", "--model", str(again), "--data", str(STDLIB / "shlex.py"), "--eval-tokens", "256",
+                 "--eval-seq-len", "64", "--no-progress", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["params"]["mlp"] == report["params"]["before"]["experts"] // 2 + 32 * 4 * 2  # 4 experts, routers
 
 
 @pytest.mark.parametrize(("extra", "message"), [
