@@ -159,10 +159,9 @@ def plan_vocab(
     that produces a kept token, recursively, so any text whose original tokenisation uses only kept tokens
     tokenises identically (BPE). For a Unigram model, that text's best segmentation stays the best: the kept pieces
     and their scores are unchanged, and keeping the lowest-scoring piece keeps the penalty of an unknown character,
-    so a segmentation through a dropped piece's unknown character scores below the original's best. The most
-    frequent remaining tokens (ties: lowest id, i.e. earliest merge), with their
-    closures, are then added until at least ``min_size`` tokens are kept and the count is a multiple of ``pad_to``
-    (or nothing is left to add).
+    so a segmentation through a dropped piece's unknown character scores below the original's best.
+    The most frequent remaining tokens (ties: lowest id, i.e. earliest merge), with their closures, are then added
+    until at least ``min_size`` tokens are kept and the count is a multiple of ``pad_to`` (or nothing is left to add).
     """
     spec = _spec(tokenizer)
     vocab, id_to_tok = _model_vocab(spec["model"]), _id_to_token(spec)
@@ -243,7 +242,8 @@ def prune_tokenizer(tokenizer, keep_ids: torch.Tensor | Sequence[int]):
         raise MiniGPTError("keep_ids must be distinct ids of the tokenizer's vocabulary")
     new_id = {old: new for new, old in enumerate(keep)}
     required = [a["id"] for a in spec["added_tokens"]] + [model_vocab[c] for c in _base_symbols(spec)]
-    required += [model_vocab[p] for p in _unknown_pieces(model)[:1] if model["type"] == "Unigram"]
+    if model["type"] == "Unigram" and model.get("unk_id") is not None:
+        required.append(model["unk_id"])
     if dropped := [id_to_tok[i] for i in required if i not in new_id]:
         raise MiniGPTError(f"cannot drop special/added, unknown or byte-alphabet/byte-fallback tokens: {dropped[:5]}")
 
