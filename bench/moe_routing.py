@@ -91,7 +91,8 @@ def main() -> None:
         tokenizer = AutoTokenizer.from_pretrained(default_model_path())
         results = [run(tiny_model(f, len(tokenizer)), tokenizer, args) for f in FAMILIES]
     with atomic_file(f"{args.out}.json") as tmp:
-        tmp.write_text(json.dumps({"args": vars(args), "results": results}, indent=1))
+        settings = {k: v for k, v in vars(args).items() if k != "out"}
+        tmp.write_text(json.dumps({"args": settings, "results": results}, indent=1))
     with atomic_file(f"{args.out}.md") as tmp:
         tmp.write_text(markdown(results, args))
     print(markdown(results, args))
