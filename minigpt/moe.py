@@ -259,8 +259,9 @@ def collecting(model, stats: MoEStats, backend: str = "torch"):
 
 
 @torch.inference_mode()
-def collect(model, batches, stats: MoEStats | None = None, backend: str = "auto") -> MoEStats:
-    """Stream ``batches`` (``(B, S)`` input ids) through ``model``, adding into ``stats`` (new when None)."""
+def collect(model, batches, stats: MoEStats | None = None, backend: str = "auto", on_batch=None) -> MoEStats:
+    """Stream ``batches`` (``(B, S)`` input ids) through ``model``, adding into ``stats`` (new when None);
+    ``on_batch(stats)`` runs after every batch."""
     stats = stats if stats is not None else MoEStats.empty(fingerprint(model))
     check_fingerprint(stats.fingerprint, fingerprint(model), "expert statistics")
     device = model.get_input_embeddings().weight.device
@@ -269,6 +270,8 @@ def collect(model, batches, stats: MoEStats | None = None, backend: str = "auto"
             model.base_model(input_ids=input_ids.to(device), use_cache=False)
             fold()
             stats.tokens += input_ids.numel()
+            if on_batch is not None:
+                on_batch(stats)
     return stats
 
 
@@ -290,28 +293,60 @@ def all_reduce(stats: MoEStats) -> MoEStats:
     return stats
 
 
+def _restore(checkpoint, resume: bool, fp: dict, run: dict) -> MoEStats | None:
+    """The statistics saved in ``checkpoint`` by an interrupted run of ``run`` (None when there is none)."""
+    if checkpoint is None or not os.path.exists(checkpoint):
+        return None
+    if not resume:
+        raise MiniGPTError(f"checkpoint {checkpoint} exists from an interrupted run: pass --resume to continue it, "
+                           "or delete it")
+    saved = MoEStats.load(checkpoint)
+    check_fingerprint(saved.fingerprint, fp, "the checkpoint's expert statistics")
+    if saved.meta.pop("checkpoint", None) != run:
+        raise MiniGPTError(f"checkpoint {checkpoint} belongs to another run; delete it to start over")
+    return saved
+
+
 def calibrate_moe(model, tokenizer, data=None, *, max_tokens: int | None = 16384, seq_len: int = 512,
                   batch_size: int = 8, text_field: str = "text", seed: int | None = 0, doc_tokens: int | None = None,
-                  backend: str = "auto") -> MoEStats:
+                  backend: str = "auto", checkpoint: str | os.PathLike | None = None,
+                  checkpoint_every: int | None = None, resume: bool = False) -> MoEStats:
     """Routing and expert statistics of ``model`` over the corpus ``data`` (files, dirs or corpus names).
 
     Under ``torchrun`` each rank streams its own shard of the documents and its part of ``max_tokens``; every rank
-    returns the summed statistics.
+    returns the summed statistics. In one process, ``checkpoint`` is rewritten atomically every
+    ``checkpoint_every`` tokens; ``resume=True`` continues from it and ends with an uninterrupted run's statistics
+    (the caller deletes the checkpoint once the result is saved).
     """
     from minigpt import distributed
     from minigpt.data import Batches, resolve_files
 
     rank, world = distributed.rank_world()
+    if world > 1 and (resume or checkpoint):
+        raise MiniGPTError("expert statistics are checkpointed in a single process only (not under torchrun)")
+    files = resolve_files(data)
+    run = {"data": data or "stdlib", "files_hash": content_hash([(str(f), f.stat().st_size) for f in files]),
+           "max_tokens": max_tokens, "seq_len": seq_len, "batch_size": batch_size, "text_field": text_field,
+           "seed": seed, "doc_tokens": doc_tokens}
+    fp = fingerprint(model)
+    stats = _restore(checkpoint, resume, fp, run) or MoEStats.empty(fp)
     mine = None
     if max_tokens is not None:
         sequences = -(-max_tokens // seq_len)
         mine = (sequences // world + (rank < sequences % world)) * seq_len
-    stats = MoEStats.empty(fingerprint(model))
+    every = -(-checkpoint_every // (batch_size * seq_len)) if checkpoint and checkpoint_every else None
+    batches_done = [0]
+
+    def save_checkpoint(s: MoEStats) -> None:
+        batches_done[0] += 1
+        if every and batches_done[0] % every == 0:
+            MoEStats(s.layers, s.tokens, s.fingerprint, {**s.meta, "checkpoint": run}).save(checkpoint)
+
     if mine != 0:
-        batches = Batches(tokenizer, resolve_files(data), seq_len=seq_len, batch_size=batch_size, max_tokens=mine,
+        batches = Batches(tokenizer, files, seq_len=seq_len, batch_size=batch_size, max_tokens=mine,
                           text_field=text_field, seed=seed, doc_tokens=doc_tokens, rank=rank, world_size=world,
-                          allow_empty=world > 1)
-        collect(model, batches, stats, backend=backend)
+                          allow_empty=world > 1, skip_sequences=stats.tokens // seq_len)
+        collect(model, batches, stats, backend=backend, on_batch=save_checkpoint)
     stats = all_reduce(stats)
     if stats.tokens == 0:
         raise MiniGPTError(f"corpus too small: no whole sequence of {seq_len} tokens (lower --seq-len or add data)")

@@ -62,14 +62,18 @@ def _check(args, source) -> None:
 def calibrate(model, tokenizer, args, out: Path) -> None:
     """``minigpt calibrate`` on a MoE model: expert statistics (every rank its shard; rank 0 writes them)."""
     from minigpt import distributed
+    from minigpt.io import discard
 
-    if args.resume:
-        raise MiniGPTError("expert statistics have no checkpoint to resume from yet")
+    single = distributed.rank_world()[1] == 1
+    checkpoint = Path(args.checkpoint or f"{out}.ckpt") if single and args.checkpoint_every else None
     stats = moe.calibrate_moe(model, tokenizer, args.data, max_tokens=args.max_tokens, seq_len=args.seq_len,
                               batch_size=args.batch_size, text_field=args.text_field, doc_tokens=args.doc_tokens,
-                              backend=args.backend)
+                              backend=args.backend, checkpoint=checkpoint, checkpoint_every=args.checkpoint_every,
+                              resume=args.resume)
     if distributed.rank_world()[0] == 0:
         stats.save(out)
+        if checkpoint is not None:
+            discard(checkpoint)
         ranks = f" over {stats.meta['world_size']} ranks" if stats.meta["world_size"] > 1 else ""
         print(f"wrote {out}: expert statistics of {len(stats.layers)} sparse layers, {stats.tokens} tokens{ranks}")
 

@@ -277,3 +277,38 @@ def test_calibrate_on_two_ranks_equals_one_process(tiny_tokenizer, tmp_path):
                 assert torch.equal(x[key], y[key]), key
             else:
                 torch.testing.assert_close(x[key], y[key], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_killed_calibration_resumes_to_the_uninterrupted_statistics(tiny_tokenizer, corpus_dir, tmp_path):
+    import subprocess
+    import time
+
+    from scale_helpers import SEQ_LEN, kill_tree, minigpt, save_model, worker_env
+
+    model = save_model(moe_model("qwen2_moe", vocab_size=len(tiny_tokenizer)), tiny_tokenizer, tmp_path / "model")
+    args = ("--model", model, "--data", corpus_dir, "--seq-len", SEQ_LEN, "--batch-size", 1,
+            "--max-tokens", 400 * SEQ_LEN, "--no-progress")
+    whole, out = tmp_path / "whole.safetensors", tmp_path / "out.safetensors"
+    checkpoint = tmp_path / "out.safetensors.ckpt"
+    assert main(["calibrate", *map(str, args), "--checkpoint-every", "0", "--out", str(whole)]) == 0
+    proc = subprocess.Popen(minigpt("calibrate", *args, "--checkpoint-every", SEQ_LEN, "--out", out),
+                            env=worker_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 240
+    while not checkpoint.exists():
+        assert proc.poll() is None, proc.communicate()[1].decode()
+        assert time.monotonic() < deadline, "no checkpoint appeared"
+        time.sleep(0.01)
+    time.sleep(0.2)
+    kill_tree(proc)
+    assert proc.returncode == -9 and not out.exists(), "the run ended before it was killed"
+    saved = MoEStats.load(checkpoint)
+    assert 0 < saved.tokens < 400 * SEQ_LEN
+    again = ["calibrate", *map(str, args), "--checkpoint-every", str(SEQ_LEN), "--out", str(out)]
+    assert main(again) == 2  # refuses to overwrite an interrupted run's progress
+    assert main([*again, "--resume"]) == 0
+    a, b = MoEStats.load(out), MoEStats.load(whole)
+    assert a.tokens == b.tokens == 400 * SEQ_LEN
+    for x, y in zip(a.layers, b.layers):
+        assert all(torch.equal(x[k], y[k]) for k in x)  # the same batch sums added in the same order: bit for bit
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model", "out.safetensors", "whole.safetensors"]
