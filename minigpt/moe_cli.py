@@ -17,7 +17,8 @@ from minigpt.errors import MiniGPTError
 
 # prune options that mean nothing on the expert path, with the value that says they were not given
 _DENSE_ONLY = {"stats": None, "plan": None, "threshold": None, "ratio": None, "reference_stats": None,
-               "reference_data": None, "vocab": False, "out_of_core": False, "reverse": False}
+               "reference_data": None, "vocab": False, "out_of_core": False, "reverse": False, "scope": "uniform",
+               "min_keep": 0.0}
 
 
 def add_prune_arguments(p: argparse.ArgumentParser) -> None:
