@@ -160,3 +160,24 @@ def test_refusals(sp):
     byte_piece = sp.tok.convert_tokens_to_ids("<0xF0>")
     with pytest.raises(MiniGPTError, match="cannot drop"):
         prune_tokenizer(sp.tok, [i for i in sp.keep.tolist() if i != byte_piece])
+
+
+def test_cli_prunes_the_vocabulary_of_a_sentencepiece_model(tmp_path):
+    """``minigpt prune --vocab`` on a tiny Llama with a byte-fallback Unigram tokenizer: stock classes reload it."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from minigpt.cli import main
+
+    tok = train_sentencepiece_style("unigram")
+    model = tiny_model("llama-untied", len(tok), tok)
+    model.save_pretrained(tmp_path / "model")
+    tok.save_pretrained(tmp_path / "model")
+    corpus = tmp_path / "calib.txt"
+    corpus.write_text(read("argparse.py"))
+    out = tmp_path / "pruned"
+    assert main(["prune", "--model", str(tmp_path / "model"), "--vocab", "--ratio", "0", "--data", str(corpus),
+                 "--max-tokens", "4096", "--seq-len", "128", "--no-eval", "--no-progress", "--out", str(out)]) == 0
+    pruned, reloaded = AutoTokenizer.from_pretrained(out), AutoModelForCausalLM.from_pretrained(out)
+    assert len(pruned) < len(tok) and reloaded.get_input_embeddings().weight.shape[0] == len(pruned)
+    for text in MULTILINGUAL + [read("shlex.py")[:2000]]:
+        assert pruned.decode(pruned.encode(text)) == text
