@@ -10,7 +10,7 @@ import types
 
 import torch
 
-from minigpt import adapters, distributed, ops
+from minigpt import adapters, distributed, ops, reference
 from minigpt.data import Batches, resolve_files
 from minigpt.errors import MiniGPTError
 from minigpt.stats import CalibrationStats, check_fingerprint, content_hash, fingerprint
@@ -56,19 +56,22 @@ class _LayerAccumulator:
 class _StatsActivation(torch.nn.Module):
     """The MLP activation with statistics: the fused op, or the model's own function + column stats.
 
-    forward(x, up=None) → act(x) * up (or act(x)), statistics of the result added to ``accum``.
+    forward(x, up=None) → act(x) * up (or act(x)), statistics of the result added to ``accum``. The ops of the
+    resolved ``backend`` are looked up once, so ``torch.compile`` sees only the op calls.
     """
 
     def __init__(self, original, act: str | None, accum: _LayerAccumulator, backend: str):
         super().__init__()
-        self.original, self.act, self.accum, self.backend = original, act, accum, backend
+        self.original, self.act, self.accum = original, act, accum
+        self.act_stats, self.column_stats = (ops.get_op(name, backend) for name in ("act_stats", "column_stats"))
+        self.active_min = reference.active_min(act) if act is not None else None
 
     def forward(self, x, up=None):
         accum = self.accum.on(x.device)
         if self.act is not None:
-            return ops.act_stats(x, up, self.act, accum.acc, accum.nnz, backend=self.backend)
+            return self.act_stats(x, up, self.act, self.active_min, accum.acc, accum.nnz)
         h = self.original(x) if up is None else self.original(x) * up
-        ops.column_stats(h, accum.acc, accum.nnz, backend=self.backend)
+        self.column_stats(h, accum.acc, accum.nnz)
         return h
 
 
