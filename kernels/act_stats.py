@@ -55,7 +55,7 @@ def _activation(x, ACT: tl.constexpr):
     elif ACT == "gelu":
         y = 0.5 * x * _erfc(x * _MINUS_RSQRT_2)
     elif ACT == "relu":
-        y = tl.maximum(x, 0.0)
+        y = tl.where(x < 0.0, 0.0, x)  # NaN stays NaN (tl.maximum would drop it on a GPU)
     else:
         y = x
     return y

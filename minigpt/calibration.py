@@ -33,11 +33,6 @@ class _LayerAccumulator:
             self.nnz = torch.zeros(self.n, dtype=torch.int64, device=device)
         return self
 
-    def check_finite(self, layer: int) -> None:
-        if self.acc is not None and not torch.isfinite(self.acc[:2].sum()):
-            raise MiniGPTError(f"non-finite activations (NaN or inf) in MLP layer {layer}; stopping, nothing saved "
-                               "(check the weights and --dtype)")
-
     def fold_into(self, stats: CalibrationStats, layer: int) -> None:
         """Add the batch into ``stats`` (whose layer tensors move, once, to this layer's device) and reset."""
         if self.acc is None:
@@ -106,6 +101,21 @@ def patched(model, accums: list[_LayerAccumulator], backend: str):
                 setattr(mlp, layout.act, wrapped.original)
 
 
+def check_finite(stats: CalibrationStats) -> None:
+    """Refuse statistics holding a NaN or inf, naming the first MLP layer that has one (a non-finite activation
+    poisons every later layer too), or token counts short of the tokens (ids outside the vocabulary, which the GPU
+    histograms skip rather than stall the GPU to check). Synchronises once per layer: called at each checkpoint
+    and at the end, never per batch."""
+    for layer, (sum_abs, sum_sq) in enumerate(zip(stats.sum_abs, stats.sum_sq)):
+        if not torch.isfinite(sum_abs.sum() + sum_sq.sum()):
+            raise MiniGPTError(f"non-finite activations (NaN or inf) in MLP layer {layer}; stopping, nothing saved "
+                               "(check the weights and --dtype)")
+    counted = int(stats.token_counts.sum())
+    if counted != stats.tokens:
+        raise MiniGPTError(f"{stats.tokens - counted} of {stats.tokens} token ids lie outside the model's vocabulary "
+                           f"of {stats.token_counts.numel()}; stopping, nothing saved (tokenizer and model disagree)")
+
+
 def _progress(total: int | None, enabled: bool):
     from tqdm.auto import tqdm
 
@@ -123,7 +133,8 @@ def run_batches(model, batches, stats: CalibrationStats, backend: str = "auto", 
                 on_batch=None) -> CalibrationStats:
     """Stream ``batches`` (``(B, S)`` input ids) through ``model`` adding into ``stats`` (in place, returned).
 
-    Each layer's statistics move to that layer's device; a NaN or inf activation stops with the layer named.
+    Each layer's statistics move to that layer's device. Nothing synchronises with the GPU per batch (apart from
+    ``on_batch``); a NaN or inf activation stops at the end (``check_finite``) with the first such layer named.
     """
     device = input_device(model)
     backend = ops.resolve_backend(backend, device)
@@ -138,12 +149,12 @@ def run_batches(model, batches, stats: CalibrationStats, backend: str = "auto", 
             base(input_ids=input_ids, attention_mask=mask, use_cache=False)
             ops.token_histogram(input_ids, mask, stats.token_counts, backend=backend)
             for layer, accum in enumerate(accums):
-                accum.check_finite(layer)
                 accum.fold_into(stats, layer)
             stats.tokens += input_ids.numel()
             bar.update(input_ids.numel())
             if on_batch is not None:
                 on_batch(stats)
+    check_finite(stats)
     stats.meta["backend"] = backend
     return stats
 
@@ -232,6 +243,7 @@ def calibrate(
         total = distributed.all_reduce_stats(stats)
         finished = all(state[world:])
         if checkpoint and not finished and rank == 0:
+            check_finite(total)
             total.meta["checkpoint"] = {"run": run, "positions": state[:world], "done": state[world:]}
             total.save(checkpoint)
         return total, finished, state[:world]
