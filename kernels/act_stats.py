@@ -75,6 +75,16 @@ def _to_bf16_bits(x):
 
 
 @triton.jit
+def _to_f32(raw):
+    """The exact fp32 value of a loaded fp32/fp16/bf16 block (bf16 by bit shift: the CPU interpreter's bf16 cast
+    flushes subnormals to zero, which would change the active counts)."""
+    if raw.dtype == tl.bfloat16:
+        return (raw.to(tl.uint16, bitcast=True).to(tl.uint32) << 16).to(tl.float32, bitcast=True)
+    else:
+        return raw.to(tl.float32)
+
+
+@triton.jit
 def _is_number_nonzero(x):
     """``x`` is neither ±0 nor NaN, decided on its bits (exact even where a GPU flushes subnormals to zero)."""
     magnitude = x.to(tl.uint32, bitcast=True) & 0x7FFFFFFF
@@ -111,11 +121,11 @@ def _act_stats_kernel(
     for r in range(0, ROWS_PER_PROG, BLOCK_T):
         rows = row_start + r + tl.arange(0, BLOCK_T)
         mask = (rows < T)[:, None] & col_ok[None, :]
-        x = tl.load(gate_ptr + rows[:, None] * stride_gate + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        x = _to_f32(tl.load(gate_ptr + rows[:, None] * stride_gate + cols[None, :], mask=mask, other=0.0))
         h = _activation(x, ACT)
         active = (x >= active_min) & ((x.to(tl.uint32, bitcast=True) & 0x7FFFFFFF) != 0)
         if HAS_UP:
-            y = tl.load(up_ptr + rows[:, None] * stride_up + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+            y = _to_f32(tl.load(up_ptr + rows[:, None] * stride_up + cols[None, :], mask=mask, other=0.0))
             h *= y
             active &= _is_number_nonzero(y)
         if WRITE_OUT:

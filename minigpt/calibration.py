@@ -128,6 +128,18 @@ def input_device(model) -> torch.device:
     return torch.device("cpu") if device.type == "meta" else device
 
 
+def calibrate_batch(base, input_ids: torch.Tensor, accums: list[_LayerAccumulator], stats: CalibrationStats,
+                    backend: str) -> None:
+    """One batch ``input_ids: (B, S)`` (on the input device) through the patched ``base`` model into ``stats``,
+    without synchronising with the GPU."""
+    mask = torch.ones_like(input_ids)
+    base(input_ids=input_ids, attention_mask=mask, use_cache=False)
+    ops.token_histogram(input_ids, mask, stats.token_counts, backend=backend)
+    for layer, accum in enumerate(accums):
+        accum.fold_into(stats, layer)
+    stats.tokens += input_ids.numel()
+
+
 @torch.inference_mode()
 def run_batches(model, batches, stats: CalibrationStats, backend: str = "auto", progress: bool = True,
                 on_batch=None) -> CalibrationStats:
@@ -145,12 +157,7 @@ def run_batches(model, batches, stats: CalibrationStats, backend: str = "auto", 
     with patched(model, accums, backend), _progress(total, progress) as bar:
         for input_ids in batches:
             input_ids = input_ids.to(device)
-            mask = torch.ones_like(input_ids)
-            base(input_ids=input_ids, attention_mask=mask, use_cache=False)
-            ops.token_histogram(input_ids, mask, stats.token_counts, backend=backend)
-            for layer, accum in enumerate(accums):
-                accum.fold_into(stats, layer)
-            stats.tokens += input_ids.numel()
+            calibrate_batch(base, input_ids, accums, stats, backend)
             bar.update(input_ids.numel())
             if on_batch is not None:
                 on_batch(stats)
