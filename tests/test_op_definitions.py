@@ -125,3 +125,14 @@ def test_compiled_calibration_step_has_no_graph_break(backend, model_type):
     for eager, compiled in zip(*results):
         torch.testing.assert_close(compiled.acc, eager.acc)
         assert torch.equal(compiled.nnz, eager.nnz)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_gather_checks_cpu_indices_once_on_the_host(backend):
+    w = torch.randn(5, 4)
+    keep = torch.tensor([4, 0])
+    rows, cols = ops.gather([w, w.t().contiguous()], [keep, keep], [0, 1], backend=backend)
+    assert torch.equal(rows, w[[4, 0]]) and torch.equal(cols, w.t()[:, [4, 0]])
+    for idx, dim in ((torch.tensor([5]), 0), (torch.tensor([-1]), 1), (torch.tensor([0, 4]), 1)):
+        with pytest.raises(IndexError, match="out of range"):
+            ops.gather([w], [idx], [dim], backend=backend)
