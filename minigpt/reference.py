@@ -105,7 +105,7 @@ def act_stats_ref(
     """Fused MLP activation with statistics.
 
     gate, up: (T, N) in fp32/fp16/bf16 (``up`` is None for non-gated MLPs).
-    Returns h = act(gate) * up (or act(gate)), (T, N) in gate's dtype; updates acc with h's statistics and nnz
+    Returns h = act(gate) * up (or act(gate)), (T, N) contiguous in gate's dtype; updates acc with h's statistics and nnz
     with the count of active tokens (``active_ref``; ``lowest``: the op's ``active_min`` argument).
     """
     g = gate.float()
@@ -115,7 +115,8 @@ def act_stats_ref(
         h = h * u
     n = gate.shape[-1]
     accumulate_stats_ref(h.reshape(-1, n), active_ref(g, u, act, lowest).reshape(-1, n), acc, nnz)
-    return h.to(gate.dtype)
+    # a new contiguous tensor, as every backend returns (never gate itself: identity of fp32)
+    return h.to(gate.dtype, memory_format=torch.contiguous_format, copy=h is gate)
 
 
 def column_stats_ref(x: torch.Tensor, acc: torch.Tensor, nnz: torch.Tensor) -> None:

@@ -49,8 +49,10 @@ def _op_samples():
     ids = torch.randint(0, 50, (3, 7), generator=g)
     w = torch.randn(9, 6, generator=g)
     return {
-        "act_stats": [(gate, up, "silu", R.active_min("silu"), *stats()), (gate.bfloat16(), None, "relu", 0.0,
-                                                                           *stats())],
+        "act_stats": [(gate, up, "silu", R.active_min("silu"), *stats()),
+                      (gate.bfloat16(), None, "relu", 0.0, *stats()),
+                      (gate.transpose(0, 1), None, "identity", -math.inf, torch.zeros(3, 19),
+                       torch.zeros(19, dtype=torch.int64))],
         "column_stats": [(up, *stats())],
         "token_histogram": [(ids, None, torch.zeros(50, dtype=torch.int64)),
                             (ids, ids > 20, torch.zeros(50, dtype=torch.int64))],
