@@ -131,10 +131,10 @@ def input_device(model) -> torch.device:
 def calibrate_batch(base, input_ids: torch.Tensor, accums: list[_LayerAccumulator], stats: CalibrationStats,
                     backend: str) -> None:
     """One batch ``input_ids: (B, S)`` (on the input device) through the patched ``base`` model into ``stats``,
-    without synchronising with the GPU."""
-    mask = torch.ones_like(input_ids)
-    base(input_ids=input_ids, attention_mask=mask, use_cache=False)
-    ops.token_histogram(input_ids, mask, stats.token_counts, backend=backend)
+    without synchronising with the GPU. Packed sequences have no padding: no attention mask (transformers would
+    check an all-ones mask on the host)."""
+    base(input_ids=input_ids, use_cache=False)
+    ops.token_histogram(input_ids, None, stats.token_counts, backend=backend)
     for layer, accum in enumerate(accums):
         accum.fold_into(stats, layer)
     stats.tokens += input_ids.numel()
