@@ -5,7 +5,7 @@
 Every method runs the same pre-packed batches (stdlib tokens for the real SmolLM2, random ids for the
 random-initialised Llama shapes), repetitions interleaved (the method order rotates each repetition):
 
-* ``bare``: ``model.base_model(input_ids, attention_mask, use_cache=False)`` under inference_mode, no statistics
+* ``bare``: ``model.base_model(input_ids, use_cache=False)`` under inference_mode, no statistics
   (the call calibration makes; the limit).
 * ``minigpt <backend>``: ``minigpt.calibration.run_batches`` (``auto`` first: cpp on CPU, triton on CUDA).
 * ``hooks (peers)``: a forward pre-hook on each down projection adding ``x.float().abs().sum(0)`` into an
@@ -76,7 +76,7 @@ def load(name: str, device: str, args) -> tuple[nn.Module, list[torch.Tensor]]:
 def bare(model, batches) -> None:
     for ids in batches:
         ids = ids.to(model.device)
-        model.base_model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False)
+        model.base_model(input_ids=ids, use_cache=False)
 
 
 @contextlib.contextmanager

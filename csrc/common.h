@@ -3,6 +3,7 @@
 
 #include <ATen/ATen.h>
 
+#include <limits>
 #include <optional>
 #include <string_view>
 #include <vector>
@@ -39,6 +40,15 @@ inline at::Tensor as_rows(const at::Tensor& x) {
   return (x.dim() == 1 ? x.unsqueeze(0) : x.flatten(0, -2)).contiguous();
 }
 
+// acc (3, N) += the partial statistics of P row slices, part (P, 3, N); nnz (N,) += part_nnz (P, N). A fixed-order
+// reduction (no float atomics): the same inputs give the same bits on every run. NaN maxima propagate.
+inline void fold_partials(at::Tensor& acc, at::Tensor& nnz, const at::Tensor& part, const at::Tensor& part_nnz) {
+  acc.narrow(0, 0, 2).add_(part.narrow(1, 0, 2).sum(0));
+  at::Tensor max_abs = acc[2];
+  at::maximum_out(max_abs, max_abs, part.select(1, 2).amax(0));
+  nnz.add_(part_nnz.sum(0));
+}
+
 // Validates acc (3, N) fp32 and nnz (N,) int64 for rows x (T, N) and returns the kernel arguments.
 inline StatsArgs stats_args(const at::Tensor& x, const at::Tensor& acc, const at::Tensor& nnz) {
   const int64_t N = x.size(1);
@@ -52,15 +62,16 @@ inline StatsArgs stats_args(const at::Tensor& x, const at::Tensor& acc, const at
   TORCH_CHECK(acc.device() == x.device() && nnz.device() == x.device(), "minigpt: acc and nnz must be on ",
               x.device());
   return {x.const_data_ptr(), nullptr, nullptr, acc.data_ptr<float>(), nnz.data_ptr<int64_t>(), x.size(0), N,
-          stats_dtype(x), Act::identity};
+          stats_dtype(x), Act::identity, -std::numeric_limits<float>::infinity()};
 }
 
 // act_stats: h's kernel arguments (h allocated like gate, returned through *out).
 inline StatsArgs act_stats_args(const at::Tensor& gate, const at::Tensor& gate_rows,
-                                const std::optional<at::Tensor>& up_rows, std::string_view act,
+                                const std::optional<at::Tensor>& up_rows, std::string_view act, double active_min,
                                 const at::Tensor& acc, const at::Tensor& nnz, at::Tensor* out) {
   StatsArgs a = stats_args(gate_rows, acc, nnz);
   a.act = parse_act(act);
+  a.active_min = float(active_min);
   if (up_rows) {
     TORCH_CHECK(up_rows->sizes() == gate_rows.sizes() && up_rows->scalar_type() == gate.scalar_type() &&
                     up_rows->device() == gate.device(),
@@ -87,19 +98,20 @@ inline std::optional<at::Tensor> check_histogram(const at::Tensor& ids, const st
 }
 
 // gather: one 2-D source, 1-D int index (moved to src's device) with values in [0, src.size(dim)), dim in {0, 1}.
+// The range is checked where the index lives on the CPU (no device synchronisation); an index already on a GPU is
+// the caller's to check (minigpt.ops.gather checks on the host).
 inline at::Tensor check_gather(const at::Tensor& src, const at::Tensor& index, int64_t dim) {
   TORCH_CHECK(dim == 0 || dim == 1, "minigpt: gather dims must be 0 or 1, got ", dim);
   TORCH_CHECK(src.dim() == 2, "minigpt: gather takes 2-D sources, got ", src.sizes());
   TORCH_CHECK(index.dim() == 1 && (index.scalar_type() == at::kInt || index.scalar_type() == at::kLong),
               "minigpt: gather indices must be 1-D int32/int64, got ", index.scalar_type(), " ", index.sizes());
-  at::Tensor idx = index.to(src.device()).contiguous();
-  if (idx.numel() > 0) {
-    const auto [lo, hi] = at::aminmax(idx);
+  if (index.is_cpu() && index.numel() > 0) {
+    const auto [lo, hi] = at::aminmax(index);
     const int64_t lo_v = lo.item<int64_t>(), hi_v = hi.item<int64_t>();
     TORCH_CHECK(lo_v >= 0 && hi_v < src.size(dim), "minigpt: gather index out of range [0, ", src.size(dim),
                 ") along dim ", dim, ": min ", lo_v, ", max ", hi_v);
   }
-  return idx;
+  return index.to(src.device()).contiguous();
 }
 
 // index.numel() rows (dim 0) or columns (dim 1) of src as a new contiguous tensor.

@@ -9,8 +9,9 @@ enum class Act : int32_t { silu, gelu_tanh, gelu, relu, identity };
 enum class DType : int32_t { f32, f16, bf16 };
 
 // h = act(gate) * up (or act(gate)) over contiguous (T, N) rows, written to out when out != nullptr;
-// Σ|h|, Σh², max|h| added into acc (3, N) fp32 and the count of h != 0 into nnz (N,) int64.
-// column_stats is the case act = identity, up = out = nullptr.
+// Σ|h|, Σh², max|h| added into acc (3, N) fp32 and the count of active tokens into nnz (N,) int64, where active
+// means gate >= active_min, gate != ±0 and (if up) up a non-zero number (minigpt.reference.active_ref).
+// column_stats is the case act = identity, active_min = -inf, up = out = nullptr.
 struct StatsArgs {
   const void* gate;
   const void* up;
@@ -21,6 +22,7 @@ struct StatsArgs {
   int64_t N;
   DType dtype;
   Act act;
+  float active_min;
 };
 
 }  // namespace minigpt

@@ -3,10 +3,12 @@
 Launch plan: matrices are grouped by (device, element size, gathered dim); each group is ONE launch over the output
 tiles of all its matrices. The gather is a bit copy, so fp16 and bf16 share a launch (moved as int16), and the dim is a
 constexpr so row gathers keep contiguous, vectorisable rows. A host-built int64 table holds, per matrix, the
-source and output addresses, the offset of its indices in one concatenated index tensor, its output shape and
-source row stride, followed by the prefix sum of tiles; each program finds its matrix by binary search in that
+source and output addresses, the offset of its indices in one concatenated index tensor, its output shape, source
+row stride and source extent along the gathered dim, followed by the prefix sum of tiles; each program finds its matrix by binary search in that
 prefix sum. A pruning step (q/k/v/gate/up rows, o/down columns of every layer) is thus two launches instead of
 hundreds of tiny ones, which matters for small models where launch latency would dominate the copy.
+Indices are not range-checked here (that would synchronise with the GPU; ``minigpt.ops.gather`` checks them on the
+host): an index outside the source leaves its output element unwritten instead of reading out of bounds.
 """
 
 from __future__ import annotations
@@ -16,8 +18,10 @@ import triton
 import triton.language as tl
 
 from ._config import gather_config
+from .act_stats import on_device
 
-_META = tl.constexpr(6)  # table columns: src address, out address, index offset, out rows, out cols, src row stride
+_META = tl.constexpr(7)  # table columns: src address, out address, index offset, out rows, out cols, src row stride,
+# src extent along DIM
 _BITS = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 _TL_BITS = {1: tl.int8, 2: tl.int16, 4: tl.int32, 8: tl.int64}
 
@@ -51,6 +55,7 @@ def _gather_kernel(
     n_rows = tl.load(meta + 3)
     n_cols = tl.multiple_of(tl.load(meta + 4), VEC)
     src_stride = tl.multiple_of(tl.load(meta + 5), VEC)
+    src_extent = tl.load(meta + 6)
 
     tile = pid - tl.load(starts + lo)
     col_tiles = tl.cdiv(n_cols, BLOCK_C)
@@ -61,9 +66,11 @@ def _gather_kernel(
     if DIM == 0:
         src_rows = tl.load(idx + rows, mask=row_ok, other=0)
         src_cols = cols
+        row_ok &= (src_rows >= 0) & (src_rows < src_extent)
     else:
         src_rows = rows
         src_cols = tl.load(idx + cols, mask=col_ok, other=0)
+        col_ok &= (src_cols >= 0) & (src_cols < src_extent)
     mask = row_ok[:, None] & col_ok[None, :]
     vals = tl.load(src + src_rows[:, None] * src_stride + src_cols[None, :], mask=mask)
     tl.store(out + rows[:, None] * n_cols + cols[None, :], vals, mask=mask)
@@ -84,24 +91,26 @@ def _launch_group(srcs: list[torch.Tensor], outs: list[torch.Tensor], idx: list[
     device = srcs[0].device
     meta, starts, aligned, offset, tiles = [], [], [], 0, 0
     for s, o, i in zip(srcs, outs, idx):
-        meta += [s.data_ptr(), o.data_ptr(), offset, o.shape[0], o.shape[1], s.stride(0)]
+        meta += [s.data_ptr(), o.data_ptr(), offset, o.shape[0], o.shape[1], s.stride(0), s.shape[dim]]
         aligned += [s.data_ptr() // elem, o.data_ptr() // elem, o.shape[1], s.stride(0)]
         starts.append(tiles)
         offset += i.numel()
         tiles += triton.cdiv(o.shape[0], cfg["BLOCK_R"]) * triton.cdiv(o.shape[1], cfg["BLOCK_C"])
     table = torch.tensor(meta + starts + [tiles], dtype=torch.int64).to(device)
     vec = _vector_width(elem, aligned)
-    _gather_kernel[(tiles,)](
-        table, torch.cat(idx), len(srcs), (len(srcs) - 1).bit_length(),
-        DIM=dim, ELEM=_TL_BITS[elem], VEC=vec, PTR_ALIGN=vec * elem, **cfg,
-    )  # fmt: skip
+    with on_device(srcs[0]):
+        _gather_kernel[(tiles,)](
+            table, torch.cat(idx), len(srcs), (len(srcs) - 1).bit_length(),
+            DIM=dim, ELEM=_TL_BITS[elem], VEC=vec, PTR_ALIGN=vec * elem, **cfg,
+        )  # fmt: skip
 
 
 def gather(srcs: list[torch.Tensor], indices: list[torch.Tensor], dims: list[int]) -> list[torch.Tensor]:
     """For each i, ``srcs[i].index_select(dims[i], indices[i])`` as a new contiguous tensor.
 
-    srcs: 2-D tensors (any dtype); indices: 1-D integer tensors (any device) in [0, size along dim) (IndexError otherwise);
-    dims: 0 (rows) or 1 (columns). One launch per (device, element size, dim) group.
+    srcs: 2-D tensors (any dtype); indices: 1-D integer tensors (any device) in [0, size along dim) (not checked:
+    outside, the output element is left unwritten); dims: 0 (rows) or 1 (columns). One launch per (device, element
+    size, dim) group.
     """
     if not (len(srcs) == len(indices) == len(dims)):
         raise ValueError("srcs, indices and dims must have the same length")
@@ -111,8 +120,6 @@ def gather(srcs: list[torch.Tensor], indices: list[torch.Tensor], dims: list[int
             raise ValueError(f"gather needs 2-D sources and dims in {{0, 1}}, got {tuple(s.shape)} along {d}")
         d %= 2
         i = i.to(device=s.device, dtype=torch.int64).reshape(-1)
-        if i.numel() and (i.min() < 0 or i.max() >= s.shape[d]):
-            raise IndexError(f"gather index out of range [0, {s.shape[d]}) along dim {d}")
         out = torch.empty(
             (i.numel(), s.shape[1]) if d == 0 else (s.shape[0], i.numel()), dtype=s.dtype, device=s.device
         )

@@ -6,6 +6,10 @@
     minigpt.evaluate(model, tokenizer, "stdlib-heldout")              # perplexity, parameter counts
 """
 
+from minigpt._checkout import use_checkout_kernels
+
+use_checkout_kernels()  # before anything imports minigpt.kernels
+
 from minigpt.calibration import calibrate
 from minigpt.compact import compact, save_pruned
 from minigpt.errors import MiniGPTError

@@ -140,7 +140,7 @@ def shrink_mlps(model, kept: list[torch.Tensor], gather) -> None:
                     srcs.append(proj.bias.detach().unsqueeze(1))
                     idx.append(keep)
                     dims.append(0)
-    new = gather(srcs, [i.to(s.device) for i, s in zip(idx, srcs)], dims)
+    new = gather(srcs, idx, dims)  # minigpt.ops.gather checks each layer's indices once and moves them once
     for (proj, attr), tensor in zip(params, new):
         if attr == "bias":
             tensor = tensor.squeeze(1)

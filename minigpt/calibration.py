@@ -10,7 +10,7 @@ import types
 
 import torch
 
-from minigpt import adapters, distributed, ops
+from minigpt import adapters, distributed, ops, reference
 from minigpt.data import Batches, resolve_files
 from minigpt.errors import MiniGPTError
 from minigpt.stats import CalibrationStats, check_fingerprint, content_hash, fingerprint
@@ -33,11 +33,6 @@ class _LayerAccumulator:
             self.nnz = torch.zeros(self.n, dtype=torch.int64, device=device)
         return self
 
-    def check_finite(self, layer: int) -> None:
-        if self.acc is not None and not torch.isfinite(self.acc[:2].sum()):
-            raise MiniGPTError(f"non-finite activations (NaN or inf) in MLP layer {layer}; stopping, nothing saved "
-                               "(check the weights and --dtype)")
-
     def fold_into(self, stats: CalibrationStats, layer: int) -> None:
         """Add the batch into ``stats`` (whose layer tensors move, once, to this layer's device) and reset."""
         if self.acc is None:
@@ -56,19 +51,22 @@ class _LayerAccumulator:
 class _StatsActivation(torch.nn.Module):
     """The MLP activation with statistics: the fused op, or the model's own function + column stats.
 
-    forward(x, up=None) → act(x) * up (or act(x)), statistics of the result added to ``accum``.
+    forward(x, up=None) → act(x) * up (or act(x)), statistics of the result added to ``accum``. The ops of the
+    resolved ``backend`` are looked up once, so ``torch.compile`` sees only the op calls.
     """
 
     def __init__(self, original, act: str | None, accum: _LayerAccumulator, backend: str):
         super().__init__()
-        self.original, self.act, self.accum, self.backend = original, act, accum, backend
+        self.original, self.act, self.accum = original, act, accum
+        self.act_stats, self.column_stats = (ops.get_op(name, backend) for name in ("act_stats", "column_stats"))
+        self.active_min = reference.active_min(act) if act is not None else None
 
     def forward(self, x, up=None):
         accum = self.accum.on(x.device)
         if self.act is not None:
-            return ops.act_stats(x, up, self.act, accum.acc, accum.nnz, backend=self.backend)
+            return self.act_stats(x, up, self.act, self.active_min, accum.acc, accum.nnz)
         h = self.original(x) if up is None else self.original(x) * up
-        ops.column_stats(h, accum.acc, accum.nnz, backend=self.backend)
+        self.column_stats(h, accum.acc, accum.nnz)
         return h
 
 
@@ -103,6 +101,21 @@ def patched(model, accums: list[_LayerAccumulator], backend: str):
                 setattr(mlp, layout.act, wrapped.original)
 
 
+def check_finite(stats: CalibrationStats) -> None:
+    """Refuse statistics holding a NaN or inf, naming the first MLP layer that has one (a non-finite activation
+    poisons every later layer too), or token counts short of the tokens (ids outside the vocabulary, which the GPU
+    histograms skip rather than stall the GPU to check). Synchronises once per layer: called at each checkpoint
+    and at the end, never per batch."""
+    for layer, (sum_abs, sum_sq) in enumerate(zip(stats.sum_abs, stats.sum_sq)):
+        if not torch.isfinite(sum_abs.sum() + sum_sq.sum()):
+            raise MiniGPTError(f"non-finite activations (NaN or inf) in MLP layer {layer}; stopping, nothing saved "
+                               "(check the weights and --dtype)")
+    counted = int(stats.token_counts.sum())
+    if counted != stats.tokens:
+        raise MiniGPTError(f"{stats.tokens - counted} of {stats.tokens} token ids lie outside the model's vocabulary "
+                           f"of {stats.token_counts.numel()}; stopping, nothing saved (tokenizer and model disagree)")
+
+
 def _progress(total: int | None, enabled: bool):
     from tqdm.auto import tqdm
 
@@ -115,12 +128,25 @@ def input_device(model) -> torch.device:
     return torch.device("cpu") if device.type == "meta" else device
 
 
+def calibrate_batch(base, input_ids: torch.Tensor, accums: list[_LayerAccumulator], stats: CalibrationStats,
+                    backend: str) -> None:
+    """One batch ``input_ids: (B, S)`` (on the input device) through the patched ``base`` model into ``stats``,
+    without synchronising with the GPU. Packed sequences have no padding: no attention mask (transformers would
+    check an all-ones mask on the host)."""
+    base(input_ids=input_ids, use_cache=False)
+    ops.token_histogram(input_ids, None, stats.token_counts, backend=backend)
+    for layer, accum in enumerate(accums):
+        accum.fold_into(stats, layer)
+    stats.tokens += input_ids.numel()
+
+
 @torch.inference_mode()
 def run_batches(model, batches, stats: CalibrationStats, backend: str = "auto", progress: bool = True,
                 on_batch=None) -> CalibrationStats:
     """Stream ``batches`` (``(B, S)`` input ids) through ``model`` adding into ``stats`` (in place, returned).
 
-    Each layer's statistics move to that layer's device; a NaN or inf activation stops with the layer named.
+    Each layer's statistics move to that layer's device. Nothing synchronises with the GPU per batch (apart from
+    ``on_batch``); a NaN or inf activation stops at the end (``check_finite``) with the first such layer named.
     """
     device = input_device(model)
     backend = ops.resolve_backend(backend, device)
@@ -131,16 +157,11 @@ def run_batches(model, batches, stats: CalibrationStats, backend: str = "auto", 
     with patched(model, accums, backend), _progress(total, progress) as bar:
         for input_ids in batches:
             input_ids = input_ids.to(device)
-            mask = torch.ones_like(input_ids)
-            base(input_ids=input_ids, attention_mask=mask, use_cache=False)
-            ops.token_histogram(input_ids, mask, stats.token_counts, backend=backend)
-            for layer, accum in enumerate(accums):
-                accum.check_finite(layer)
-                accum.fold_into(stats, layer)
-            stats.tokens += input_ids.numel()
+            calibrate_batch(base, input_ids, accums, stats, backend)
             bar.update(input_ids.numel())
             if on_batch is not None:
                 on_batch(stats)
+    check_finite(stats)
     stats.meta["backend"] = backend
     return stats
 
@@ -229,6 +250,7 @@ def calibrate(
         total = distributed.all_reduce_stats(stats)
         finished = all(state[world:])
         if checkpoint and not finished and rank == 0:
+            check_finite(total)
             total.meta["checkpoint"] = {"run": run, "positions": state[:world], "done": state[world:]}
             total.save(checkpoint)
         return total, finished, state[:world]

@@ -52,7 +52,7 @@ class CalibrationStats:
     """Sums over every calibration token, per MLP layer ``l`` with width ``N_l``.
 
     sum_abs, sum_sq: (N_l,) float64 – Σ|a| and Σa².   max_abs: (N_l,) float32 – max |a|.
-    nonzero: (N_l,) int64 – tokens where a != 0.   token_counts: (V,) int64 – input-id histogram (padding ignored).
+    nonzero: (N_l,) int64 – active tokens (reference.active_ref).  token_counts: (V,) int64 – input-id histogram (padding ignored).
     tokens: tokens seen.   fingerprint: see ``fingerprint``.   meta: corpus description, backend, ...
     """
 

@@ -6,7 +6,7 @@
 namespace minigpt::cpu {
 
 // Widest column block one thread owns. Wide blocks keep long contiguous runs per row (the prefetchers stream them);
-// the 48 KiB of per-column accumulators live on the thread's stack, in L1/L2.
+// the 44 KiB of per-column accumulators live on the thread's stack, in L1/L2.
 constexpr int64_t kBlock = 1024;
 
 // Statistics (and h) of columns [c0, c0 + nc) over all a.T rows, nc <= kBlock. One call per thread and block.

@@ -10,7 +10,6 @@
 #include <cmath>
 #include <cstring>
 #include <limits>
-#include <type_traits>
 
 #include "kernels.h"
 
@@ -129,30 +128,44 @@ inline float activate(float x) {
   }
 }
 
-// Row t of h for columns [c0, c0 + nc): computed into buf (and written to a.out when kOut), or, for fp32
-// column statistics, the input row itself.
+// Whether a token counts as active (minigpt.reference.active_ref): gate >= active_min, gate != ±0, up a non-zero
+// number. Comparisons only, so it is exact whatever the activation's rounding.
+inline int32_t is_active(float g, float active_min) {
+  return int32_t(g >= active_min) & int32_t(g != 0.0f);
+}
+inline int32_t is_number_nonzero(float u) { return int32_t(u < 0.0f) | int32_t(u > 0.0f); }
+
+// Row t for columns [c0, c0 + nc), in one pass: h = act(gate) * up (written to a.out when kOut), its statistics
+// added into the chunk accumulators s1 (Σ|h|), s2 (Σh²), mx (max|h|, NaN skipped) and nz (active count).
 template <class T, Act A, bool kGated, bool kOut>
-inline const float* h_row(const StatsArgs& a, int64_t t, int64_t c0, int64_t nc, float* __restrict buf) {
+inline void accumulate_row(const StatsArgs& a, int64_t t, int64_t c0, int64_t nc, float* __restrict s1,
+                           float* __restrict s2, float* __restrict mx, int32_t* __restrict nz) {
   const int64_t off = t * a.N + c0;
   const T* __restrict g = static_cast<const T*>(a.gate) + off;
-  if constexpr (std::is_same_v<T, float> && A == Act::identity && !kGated && !kOut) {
-    return g;
-  } else {
-    const T* __restrict u = kGated ? static_cast<const T*>(a.up) + off : nullptr;
-    T* __restrict o = kOut ? static_cast<T*>(a.out) + off : nullptr;
-    for (int64_t j = 0; j < nc; ++j) {
-      float v = activate<A>(to_float(g[j]));
-      if constexpr (kGated) v *= to_float(u[j]);
-      buf[j] = v;
-      if constexpr (kOut) o[j] = from_float<T>(v);
+  const T* __restrict u = kGated ? static_cast<const T*>(a.up) + off : nullptr;
+  T* __restrict o = kOut ? static_cast<T*>(a.out) + off : nullptr;
+  const float active_min = a.active_min;
+  for (int64_t j = 0; j < nc; ++j) {
+    const float x = to_float(g[j]);
+    float v = activate<A>(x);
+    int32_t active = is_active(x, active_min);
+    if constexpr (kGated) {
+      const float y = to_float(u[j]);
+      v *= y;
+      active &= is_number_nonzero(y);
     }
-    return buf;
+    if constexpr (kOut) o[j] = from_float<T>(v);
+    const float av = std::fabs(v);
+    s1[j] += av;
+    s2[j] += v * v;
+    mx[j] = av > mx[j] ? av : mx[j];  // NaN skipped here, restored from Σ|h| below
+    nz[j] += active;
   }
 }
 
 template <class T, Act A, bool kGated, bool kOut>
 void stats_block_impl(const StatsArgs& a, int64_t c0, int64_t nc) {
-  alignas(64) float buf[kBlock], s1[kBlock], s2[kBlock], mx[kBlock];
+  alignas(64) float s1[kBlock], s2[kBlock], mx[kBlock];
   alignas(64) int32_t nz[kBlock];
   alignas(64) double tot1[kBlock] = {}, tot2[kBlock] = {};
   alignas(64) float totmx[kBlock] = {};
@@ -163,14 +176,7 @@ void stats_block_impl(const StatsArgs& a, int64_t c0, int64_t nc) {
     std::fill_n(mx, nc, 0.0f);
     std::fill_n(nz, nc, 0);
     for (int64_t t = t0, t_end = std::min(a.T, t0 + kChunk); t < t_end; ++t) {
-      const float* __restrict h = h_row<T, A, kGated, kOut>(a, t, c0, nc, buf);
-      for (int64_t j = 0; j < nc; ++j) {
-        const float v = h[j], av = std::fabs(v);
-        s1[j] += av;
-        s2[j] += v * v;
-        mx[j] = av > mx[j] ? av : mx[j];  // NaN skipped here, restored from Σ|h| below
-        nz[j] += v != 0.0f;
-      }
+      accumulate_row<T, A, kGated, kOut>(a, t, c0, nc, s1, s2, mx, nz);
     }
     for (int64_t j = 0; j < nc; ++j) {
       tot1[j] += s1[j];

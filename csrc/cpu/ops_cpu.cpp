@@ -38,11 +38,11 @@ void run_stats(const StatsArgs& a) {
 }
 
 at::Tensor act_stats(const at::Tensor& gate, const std::optional<at::Tensor>& up, c10::string_view act,
-                     at::Tensor& acc, at::Tensor& nnz) {
+                     double active_min, at::Tensor& acc, at::Tensor& nnz) {
   const at::Tensor g = as_rows(gate);
   const std::optional<at::Tensor> u = up ? std::optional(as_rows(*up)) : std::nullopt;
   at::Tensor out;
-  run_stats(act_stats_args(gate, g, u, std::string_view(act.data(), act.size()), acc, nnz, &out));
+  run_stats(act_stats_args(gate, g, u, std::string_view(act.data(), act.size()), active_min, acc, nnz, &out));
   return out;
 }
 

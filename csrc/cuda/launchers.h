@@ -10,14 +10,14 @@
 
 namespace minigpt::cuda {
 
-// act_stats / column_stats (see StatsArgs); acc and nnz are updated with atomics.
-cudaError_t launch_stats(const StatsArgs& a, cudaStream_t stream);
+// Number of token slices launch_stats splits (T, N) rows into.
+int64_t stats_slices(int64_t T, int64_t N);
 
-// Sets *bad (device int32, zeroed by the caller) when an id where mask (bool, or null) is true lies outside [0, V).
-cudaError_t launch_check_ids(const void* ids, bool ids64, const bool* mask, int64_t n, int64_t V, int32_t* bad,
-                             cudaStream_t stream);
+// act_stats / column_stats (see StatsArgs; acc and nnz are not touched): each slice's statistics go to
+// part (slices, 3, N) fp32 and part_nnz (slices, N) int64, for a fixed-order fold by the caller.
+cudaError_t launch_stats(const StatsArgs& a, float* part, int64_t* part_nnz, cudaStream_t stream);
 
-// counts (V,) int64 += counts of ids where mask; per-block shared-memory histograms when V * 4 bytes fit in
+// counts (V,) int64 += counts of ids in [0, V) where mask (ids outside are not counted); per-block shared-memory histograms when V * 4 bytes fit in
 // smem_bytes (the device's opt-in shared memory per block), global atomics otherwise.
 cudaError_t launch_histogram(const void* ids, bool ids64, const bool* mask, int64_t n, int64_t* counts, int64_t V,
                              int smem_bytes, int num_sms, cudaStream_t stream);
