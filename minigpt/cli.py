@@ -9,6 +9,7 @@ import os
 import sys
 from pathlib import Path
 
+from minigpt import options
 from minigpt.data import resolve_files
 from minigpt.errors import MiniGPTError
 from minigpt.importance import METRICS
@@ -300,6 +301,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     try:
+        options.check(args)  # every value, before any model is loaded or any token read
         COMMANDS.get(args.command, getattr(args, "func", None))(args)
     except MiniGPTError as err:
         print(f"minigpt: error: {err}", file=sys.stderr)

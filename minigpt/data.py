@@ -7,7 +7,9 @@ each with a disjoint ``-heldout`` part (≈10 % of the files, chosen by a hash o
 
 from __future__ import annotations
 
+import codecs
 import hashlib
+import logging
 import random
 import sysconfig
 from collections.abc import Iterator
@@ -18,9 +20,13 @@ import torch
 
 from minigpt.errors import MiniGPTError
 
+log = logging.getLogger("minigpt")
 PYDOCS_ROOT = Path("/usr/share/doc/python3.11/html/_sources")
 TEXT_SUFFIXES = {".txt", ".py", ".rst", ".md", ".c", ".h", ".json", ".jsonl", ".parquet"}
 _BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}
+TEXT_SAMPLE_BYTES = 1 << 16
+MAX_UNDECODABLE_SHARE = 0.01
+"""A corpus file is text when at most this share of its first ``TEXT_SAMPLE_BYTES`` bytes is not UTF-8 (or NUL)."""
 
 
 def _stdlib_files() -> list[Path]:
@@ -43,6 +49,30 @@ def is_heldout(path: Path) -> bool:
     return hashlib.sha1("/".join(path.parts[-2:]).encode()).digest()[0] % 10 == 0
 
 
+def undecodable_share(path: Path) -> float:
+    """Share of the first ``TEXT_SAMPLE_BYTES`` bytes of ``path`` that are NUL or not valid UTF-8."""
+    with path.open("rb") as f:
+        sample = f.read(TEXT_SAMPLE_BYTES)
+    if not sample:
+        return 0.0
+    text = codecs.getincrementaldecoder("utf-8")("surrogateescape").decode(sample, final=False)  # cut char: fine
+    bad = sum(1 for c in text if c == "\0" or "\udc80" <= c <= "\udcff")
+    return bad / len(sample)
+
+
+def check_text(path: Path) -> None:
+    """Refuse a corpus file that is not text (parquet is binary by design); warn on a few undecodable bytes."""
+    if path.suffix == ".parquet":
+        return
+    share = undecodable_share(path)
+    if share > MAX_UNDECODABLE_SHARE:
+        raise MiniGPTError(f"data file {path} is not text: {100 * share:.1f}% of its first "
+                           f"{TEXT_SAMPLE_BYTES // 1024} KiB are NUL or not UTF-8 (at most "
+                           f"{100 * MAX_UNDECODABLE_SHARE:g}% allowed)")
+    if share:
+        log.warning("data file %s: %.2f%% of its first bytes are not UTF-8 (replaced)", path, 100 * share)
+
+
 def resolve_files(data: list[str] | str | None, default: str = "stdlib") -> list[Path]:
     """Expand corpus names, directories and files into a sorted file list; one-line errors for bad paths."""
     specs = [default] if not data else [data] if isinstance(data, str) else list(data)
@@ -55,14 +85,14 @@ def resolve_files(data: list[str] | str | None, default: str = "stdlib") -> list
         path = Path(spec)
         if not path.exists():
             raise MiniGPTError(f"data path {spec} does not exist (corpus names: {', '.join(BUILTIN_CORPORA)})")
-        if path.is_dir():
-            files += sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in TEXT_SUFFIXES)
-        else:
+        found = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in TEXT_SUFFIXES) if path.is_dir() \
+            else [path]
+        for file in found:
             try:
-                path.open("rb").close()
+                check_text(file)
             except OSError as err:
-                raise MiniGPTError(f"data file {spec} is unreadable: {err.strerror}") from err
-            files.append(path)
+                raise MiniGPTError(f"data file {file} is unreadable: {err.strerror}") from err
+        files += found
     if not files:
         raise MiniGPTError(f"corpus {' '.join(specs)} holds no files")
     return files
