@@ -215,7 +215,9 @@ def iter_token_ids(tokenizer, texts: Iterator[str], doc_tokens: int | None = Non
     eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
     for group in _groups(texts):
         for ids in tokenizer(group, add_special_tokens=False)["input_ids"]:
-            yield document_window(ids, doc_tokens, seed) + eos
+            ids = document_window(ids, doc_tokens, seed)
+            ids.extend(eos)  # a fresh list from the tokenizer or a slice: no copy of the document
+            yield ids
 
 
 class Prefetch:
