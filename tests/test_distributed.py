@@ -123,10 +123,13 @@ def _kept_agreement(a: CalibrationStats, b: CalibrationStats) -> float:
     return sum(len(set(x) & set(y)) for x, y in zip(kept_a, kept_b)) / sum(len(x) for x in kept_a)
 
 
-@pytest.mark.parametrize("corpus, budget", [(_one_file, 8192), (_three_files, 4096), (_many_files, 8192)])
-def test_every_rank_works_on_the_exact_budget(corpus, budget, setup, tmp_path):
+@pytest.mark.parametrize("corpus, budget, rebalanced", [(_one_file, 8192, False), (_three_files, 18432, True),
+                                                        (_many_files, 8192, False)])
+def test_every_rank_works_on_the_exact_budget(corpus, budget, rebalanced, setup, tmp_path):
     """One big file (split into pieces), three files of unequal length, 1,000 small files: two ranks calibrate on
-    exactly the budget (rounded up to whole sequences), both take part, and the plans agree with one process's."""
+    exactly the budget (rounded up to whole sequences), both take part, and the plans agree with one process's.
+    With three files the rank holding only textwrap (~8.4k tokens) runs out before its half of 18,432 tokens:
+    the other rank calibrates the rest."""
     model, _ = setup
     (tmp_path / "corpus").mkdir()
     data = corpus(tmp_path / "corpus")
@@ -137,7 +140,9 @@ def test_every_rank_works_on_the_exact_budget(corpus, budget, setup, tmp_path):
     assert done.returncode == 0, done.stderr
     a, b = CalibrationStats.load(single), CalibrationStats.load(dist)
     assert a.tokens == b.tokens == budget == b.meta["tokens_requested"]  # budget - 5, rounded up
-    assert len(b.meta["sequences_per_rank"]) == 2 and min(b.meta["sequences_per_rank"]) > 0
+    per_rank = b.meta["sequences_per_rank"]
+    assert len(per_rank) == 2 and min(per_rank) > 0
+    assert (max(per_rank) - min(per_rank) > 1) == rebalanced
     assert _kept_agreement(a, b) >= 0.95
 
 
