@@ -6,9 +6,8 @@ Two corpora of the same text (standard-library sources, the first files in sorte
 many small files, and the same files joined into one large file (read in ~1 MiB pieces). For each, repetitions
 interleaved:
 
-* ``raw encode_batch``: SmolLM2's ``tokenizers.Tokenizer.encode_batch_fast`` (``encode_batch`` without offsets,
-  the fastest call it has) on the documents already in memory, all in one call (the same documents the pipeline
-  reads: whole files, or the large file's pieces); the limit.
+* ``raw encode_batch``: SmolLM2's ``tokenizers.Tokenizer.encode_batch`` on the documents already in memory (the
+  same documents the pipeline reads: whole files, or the large file's pieces); the limit.
 * ``pipeline``: ``minigpt.data.Batches`` (seq_len 2048, batch 8) from the files on disk: reading, batched
   tokenization, packing and tensors on its prefetch thread; tokens of delivered batches.
 
@@ -70,10 +69,7 @@ def timed(fn) -> tuple[int, float, float]:
 
 
 def raw(tokenizer, texts: list[str]) -> int:
-    """The Rust tokenizer alone: ``encode_batch_fast`` (no offsets; tokenizers ≥ 0.21), else ``encode_batch``."""
-    backend = tokenizer.backend_tokenizer
-    encode = getattr(backend, "encode_batch_fast", backend.encode_batch)
-    return sum(len(e.ids) for e in encode(texts, add_special_tokens=False))
+    return sum(len(e.ids) for e in tokenizer.backend_tokenizer.encode_batch(texts, add_special_tokens=False))
 
 
 def pipeline(tokenizer, files: list[Path]) -> int:
