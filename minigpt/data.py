@@ -1,4 +1,8 @@
-"""Corpora: local files → streamed texts (``datasets``) → packed ``(batch, seq_len)`` token batches.
+"""Corpora: local files → streamed documents → packed ``(batch, seq_len)`` token batches.
+
+Plain-text files are read directly (large ones in ~1 MiB pieces, ``text_pieces``), JSON lines and parquet
+through ``datasets`` streaming; documents are dealt round-robin to ranks, tokenized in groups and packed in
+linear time on a background thread (``Prefetch``).
 
 ``--data`` takes files, directories, or a built-in corpus name: ``stdlib`` (CPython's standard-library
 sources, shipped with the interpreter) and ``pydocs`` (the reST sources of Debian's ``python3.11-doc``),
@@ -297,7 +301,6 @@ class Batches:
         if self.max_tokens is not None and self.max_tokens < 1:
             raise MiniGPTError(f"max_tokens must be positive (got {self.max_tokens})")
         self.wait_seconds = 0.0
-        self.exhausted = False  # set once the stream ran out before max_tokens
 
     @property
     def max_sequences(self) -> int | None:
@@ -320,7 +323,6 @@ class Batches:
                 n += 1
                 cursor += self.seq_len
             del buf[:cursor]  # what is left is shorter than one sequence
-        self.exhausted = True
         if n == 0 and not self.allow_empty:
             raise MiniGPTError(
                 f"corpus too small: {len(buf)} tokens, fewer than one sequence of {self.seq_len} "
