@@ -102,7 +102,7 @@ def magnitude_scores(model) -> list[torch.Tensor]:
     return out
 
 
-def load(spec: ModelSpec, device: str, dtype: torch.dtype):
+def load(spec: ModelSpec, device: str, dtype: torch.dtype, trust_remote_code: bool = False):
     """The model of ``spec`` on ``device`` in ``dtype``, pruned when the spec says so."""
     from transformers import AutoModelForCausalLM, LlamaConfig
 
@@ -115,7 +115,8 @@ def load(spec: ModelSpec, device: str, dtype: torch.dtype):
         with torch.device(device):
             model = AutoModelForCausalLM.from_config(LlamaConfig(**NAMED_CONFIGS[spec.base]), dtype=dtype)
     else:
-        model, _ = load_model(None if spec.base == "default" else spec.base, dtype=dtype, device=device)
+        model, _ = load_model(None if spec.base == "default" else spec.base, dtype=dtype, device=device,
+                              trust_remote_code=trust_remote_code)
     if spec.ratio:
         multiple = spec.multiple or 1
         policy = {"scores": "weight_l2", "ratio": spec.ratio, "scope": "uniform", "multiple": multiple}
@@ -261,17 +262,24 @@ def relative(base: dict, other: dict) -> dict:
 
 def benchmark(models: list[str | ModelSpec], *, device: str = "cpu", dtype: torch.dtype | None = None,
               prompt_lengths: list[int] = (128, 512), decode_tokens: int = 32, batch_sizes: list[int] = (1, 8),
-              repeats: int = 5, warmup: int = 1, ablation_multiples: list[int] | None = None) -> dict:
+              repeats: int = 5, warmup: int = 1, ablation_multiples: list[int] | None = None,
+              trust_remote_code: bool = False) -> dict:
     """Measure every model (specs or ``ModelSpec``) on the same inputs; the first is the reference.
 
     Returns ``{"meta": ..., "models": [{"spec", ...measure..., "relative"}]}``. ``ablation_multiples`` expands
-    each ``BASE@RATIO`` spec into one ``BASE@RATIO/M`` per multiple M.
+    each ``BASE@RATIO`` spec into one ``BASE@RATIO/M`` per multiple M. Every model directory passes
+    ``minigpt.trust``'s rule before the first is measured.
     """
+    from minigpt.trust import needs_remote_code
+
     specs = [m if isinstance(m, ModelSpec) else ModelSpec.parse(m) for m in models]
     if ablation_multiples:
         specs = expand_ablation(specs, list(ablation_multiples))
     if not specs:
         raise MiniGPTError("no model to benchmark")
+    for spec in specs:
+        if Path(spec.base).is_dir():
+            needs_remote_code(spec.base, trust_remote_code)
     if min(*prompt_lengths, *batch_sizes, decode_tokens, repeats) < 1 or warmup < 0:
         raise MiniGPTError("prompt lengths, batch sizes, decode tokens and repeats must be ≥ 1, warm-up ≥ 0")
     dtype = dtype or (torch.bfloat16 if device.startswith("cuda") else torch.float32)
@@ -282,7 +290,7 @@ def benchmark(models: list[str | ModelSpec], *, device: str = "cpu", dtype: torc
                 "repeats": repeats, "warmup": warmup}
     results = []
     for spec in specs:
-        model = load(spec, device, dtype)
+        model = load(spec, device, dtype, trust_remote_code)
         results.append({"spec": spec.text, **measure(model, ids, device=device, **settings)})
         del model
         gc.collect()
@@ -405,7 +413,7 @@ def _ints(text: str) -> list[int]:
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
     """Add the ``bench`` subcommand (handler: ``run``) to ``subparsers``."""
-    from minigpt.cli import DTYPES
+    from minigpt.cli import DTYPES, add_trust_arg
 
     p = subparsers.add_parser("bench", help="parameters, memory, latency and throughput of models side by side",
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -423,6 +431,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--json", help="write the report as JSON here")
     p.add_argument("--markdown", help="write the tables as markdown here")
     p.add_argument("--plot", help="write a PNG plot here")
+    add_trust_arg(p)
     p.set_defaults(func=run)
     return p
 
@@ -435,7 +444,8 @@ def run(args) -> None:
     device, dtype = _device_dtype(args)
     report = benchmark(args.model, device=device, dtype=dtype, prompt_lengths=args.prompt_lengths,
                        decode_tokens=args.decode_tokens, batch_sizes=args.batch_sizes, repeats=args.repeats,
-                       warmup=args.warmup, ablation_multiples=args.ablation_multiples)
+                       warmup=args.warmup, ablation_multiples=args.ablation_multiples,
+                       trust_remote_code=args.trust_remote_code)
     table = format_table(report)
     print(table)
     for path, write in ((args.json, lambda p: p.write_text(json.dumps(report, indent=1))),

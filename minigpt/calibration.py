@@ -11,7 +11,7 @@ import types
 import torch
 
 from minigpt import adapters, distributed, ops, reference
-from minigpt.data import Batches, resolve_files
+from minigpt.data import LARGE_FILE_BYTES, Batches, resolve_files, text_pieces
 from minigpt.errors import MiniGPTError
 from minigpt.stats import CalibrationStats, check_fingerprint, content_hash, fingerprint
 
@@ -194,8 +194,58 @@ def _share(max_tokens: int | None, seq_len: int, rank: int, world: int) -> int |
     """Sequences rank ``rank`` calibrates on: its part of ``⌈max_tokens / seq_len⌉`` (None: its whole shard)."""
     if max_tokens is None:
         return None
-    n = -(-max_tokens // seq_len)
-    return n // world + (rank < n % world)
+    return _split(-(-max_tokens // seq_len), world)[rank]
+
+
+def _split(n: int, parts: int) -> list[int]:
+    """``n`` split into ``parts`` near-equal whole numbers, the larger ones first."""
+    return [n // parts + (i < n % parts) for i in range(parts)]
+
+
+class _Rounds:
+    """One rank's batches, cut into rounds of whole sequences (``take``); ``exhausted`` once the stream ends.
+
+    The stream (and its prefetch thread) stays open between rounds, so a later round continues where the last
+    one stopped; ``max_sequences`` is the round's size (the progress bar's total).
+    """
+
+    def __init__(self, batches: Batches):
+        self.batches, self.seq_len = batches, batches.seq_len
+        self.max_sequences: int | None = None
+        self.exhausted = False
+        self._stream, self._rest = iter(batches), None
+
+    def take(self, n: int | None) -> _Rounds:
+        self.max_sequences = n
+        return self
+
+    def __iter__(self):
+        left = self.max_sequences
+        while left is None or left > 0:
+            if self._rest is None:
+                try:
+                    self._rest = next(self._stream)
+                except StopIteration:
+                    self.exhausted = True
+                    return
+            cut = len(self._rest) if left is None else min(left, len(self._rest))
+            batch, self._rest = self._rest[:cut], (self._rest[cut:] if cut < len(self._rest) else None)
+            left = None if left is None else left - cut
+            yield batch
+
+    def close(self) -> None:
+        self._stream.close()
+
+
+def _check_shards(files, world: int) -> None:
+    """Refuse, before any token is read, a plain-text corpus with fewer documents than ranks."""
+    if world < 2 or any(f.suffix in (".json", ".jsonl", ".parquet") for f in files):
+        return
+    docs = sum(text_pieces(f) for f in files)
+    if docs < world:
+        raise MiniGPTError(f"the corpus is {docs} document(s) for {world} ranks, so rank {docs} would get nothing "
+                           f"(text files above {LARGE_FILE_BYTES // 2**20} MiB are split into pieces): add data or "
+                           "launch fewer ranks")
 
 
 def calibrate(
@@ -217,9 +267,11 @@ def calibrate(
 ) -> CalibrationStats:
     """Collect per-neuron statistics of ``model`` over the corpus ``data`` (files, dirs or corpus names).
 
-    Under ``torch.distributed`` each rank streams its own shard of the documents (``split_dataset_by_node``)
-    and calibrates on its part of ``max_tokens``; the statistics are all-reduced and every rank returns the
-    total. ``doc_tokens``: at most that many tokens of each document (``data.document_window``).
+    Under ``torch.distributed`` each rank streams its own documents (round-robin, ``data.iter_texts``) and
+    calibrates on its part of ``⌈max_tokens / seq_len⌉`` sequences; when some ranks' documents run out, the others
+    calibrate the missing sequences, so the total is the budget whenever the corpus holds it (a warning with
+    the numbers otherwise; an error when a rank gets nothing). The statistics are all-reduced and every rank
+    returns the total; ``meta["data_wait_share"]`` is this rank's share of the time spent waiting for batches. ``doc_tokens``: at most that many tokens of each document (``data.document_window``).
     ``checkpoint``: a file rewritten atomically (by rank 0) every ``checkpoint_every`` tokens with the summed
     statistics and every rank's stream position; ``resume=True`` continues from it, ending with the statistics
     of an uninterrupted run. The caller deletes the checkpoint once the result is saved.
@@ -240,45 +292,73 @@ def calibrate(
     resumed_tokens, start_tokens = stats.tokens, sum(positions) * seq_len
     share = _share(max_tokens, seq_len, rank, world)
     every = None if not (checkpoint and checkpoint_every) else -(-checkpoint_every // (world * batch_size * seq_len))
-    mine = {"position": positions[rank], "batches": 0}
+    first_position = positions[rank]
+    mine = {"position": first_position, "batches": 0}
 
     def sync(finished_here: bool):
         """One collective round: the summed stats and every position; rank 0 checkpoints unless all finished."""
-        one_hot = [0] * (2 * world)
+        one_hot = [0] * (3 * world)
         one_hot[rank], one_hot[world + rank] = mine["position"], int(finished_here)
+        one_hot[2 * world + rank] = int(rounds.exhausted)
         state = distributed.all_sum(one_hot)
         total = distributed.all_reduce_stats(stats)
-        finished = all(state[world:])
+        finished = all(state[world : 2 * world])
         if checkpoint and not finished and rank == 0:
             check_finite(total)
-            total.meta["checkpoint"] = {"run": run, "positions": state[:world], "done": state[world:]}
+            total.meta["checkpoint"] = {"run": run, "positions": state[:world], "done": state[world : 2 * world]}
             total.save(checkpoint)
-        return total, finished, state[:world]
+        return total, finished, state[:world], state[2 * world :]
 
     def on_batch(s: CalibrationStats) -> None:
-        mine["position"] = positions[rank] + (s.tokens - resumed_tokens) // seq_len
+        mine["position"] = first_position + (s.tokens - resumed_tokens) // seq_len
         mine["batches"] += 1
         if every and mine["batches"] % every == 0:
             sync(False)
 
+    def run_round(want: int | None):
+        """This rank calibrates on ``want`` more sequences (None: the rest of its shard) while the others run
+        theirs; returns the summed stats, every rank's position and which ranks' streams ended."""
+        if want != 0:
+            run_batches(model, rounds.take(want), stats, backend=backend, progress=progress and rank == 0,
+                        on_batch=on_batch)
+        total, finished, at, ended = sync(True)
+        while not finished:  # this rank's part ended: keep joining the others' checkpoint rounds
+            total, finished, at, ended = sync(True)
+        return total, at, ended
+
     backend = ops.resolve_backend(backend, input_device(model))
+    _check_shards(files, world)
     start = time.perf_counter()
-    if not done[rank] and share != 0:
-        batches = Batches(tokenizer, files, seq_len=seq_len, batch_size=batch_size,
-                          max_tokens=None if share is None else share * seq_len, text_field=text_field, seed=seed,
-                          rank=rank, world_size=world, skip_sequences=positions[rank], allow_empty=world > 1,
-                          doc_tokens=doc_tokens)
-        run_batches(model, batches, stats, backend=backend, progress=progress and rank == 0, on_batch=on_batch)
-    total, finished, positions = sync(True)
-    while not finished:  # this rank's shard ended: keep joining the others' checkpoint rounds
-        total, finished, positions = sync(True)
+    batches = Batches(tokenizer, files, seq_len=seq_len, batch_size=batch_size, text_field=text_field, seed=seed,
+                      rank=rank, world_size=world, skip_sequences=positions[rank], allow_empty=world > 1,
+                      doc_tokens=doc_tokens)
+    rounds = _Rounds(batches)
+    budget = None if max_tokens is None else -(-max_tokens // seq_len)
+    try:
+        first = 0 if done[rank] else None if share is None else max(share - positions[rank], 0)
+        total, positions, ended = run_round(first)
+        while budget is not None and sum(positions) < budget and not all(ended):
+            # ranks whose shard ended early: the others calibrate the missing sequences between them
+            open_ranks = [r for r in range(world) if not ended[r]]
+            extra = dict(zip(open_ranks, _split(budget - sum(positions), len(open_ranks))))
+            total, positions, ended = run_round(extra.get(rank, 0))
+    finally:
+        rounds.close()
     if total.tokens == 0:
         raise MiniGPTError(f"corpus too small: no rank got a whole sequence of {seq_len} tokens "
                            "(lower --seq-len or add data)")
+    if world > 1 and 0 in positions:
+        raise MiniGPTError(f"rank {positions.index(0)} of {world} got no sequence of {seq_len} tokens "
+                           f"(sequences per rank: {positions}): add data or launch fewer ranks")
+    if budget is not None and total.tokens < budget * seq_len and rank == 0:
+        log.warning("the corpus supplied %d of the %d calibration tokens asked (--max-tokens %d rounded up to whole "
+                    "sequences of %d)", total.tokens, budget * seq_len, max_tokens, seq_len)
     seconds = time.perf_counter() - start
     new_tokens = sum(positions) * seq_len - start_tokens
     total.meta.update(
         corpus=corpus, backend=backend, world_size=world, sequences_per_rank=positions,
+        tokens_requested=None if budget is None else budget * seq_len,
+        data_wait_share=round(batches.wait_seconds / seconds, 4),
         seconds=round(seconds, 3), tokens_per_second=round(new_tokens / seconds, 1),
         dtype=str(model.get_input_embeddings().weight.dtype).removeprefix("torch."),
     )

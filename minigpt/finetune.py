@@ -364,12 +364,13 @@ def run(args) -> None:
                            "minigpt_report.json naming its source)")
     teacher = None
     if source is not None:
-        reference, ref_tok = load_model(source, dtype=dtype, device=device)
+        reference, ref_tok = load_model(source, dtype=dtype, device=device,
+                                        trust_remote_code=args.trust_remote_code)
         if target is None:
             target = perplexity(reference, ref_tok, eval_data, **ppl)["perplexity"]
         teacher = reference if args.distill else None
         del reference
-    model, tokenizer = load_model(args.model, dtype=dtype, device=device)
+    model, tokenizer = load_model(args.model, dtype=dtype, device=device, trust_remote_code=args.trust_remote_code)
     report = finetune(model, tokenizer, data, eval_data, target=target, max_steps=args.max_steps,
                       eval_every=args.eval_every, seq_len=args.seq_len, batch_size=args.batch_size,
                       grad_accum=args.grad_accum, train_tokens=args.train_tokens, learning_rate=args.lr,

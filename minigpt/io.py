@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from minigpt.errors import MiniGPTError
+from minigpt.trust import needs_remote_code
 
 log = logging.getLogger("minigpt")
 
@@ -159,11 +160,12 @@ def _load_gguf(path: Path, dtype: torch.dtype):
 
 def load_model(
     path: str | os.PathLike | None = None, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
-    device_map: str | dict | None = None,
+    device_map: str | dict | None = None, trust_remote_code: bool = False,
 ):
     """Load ``(model, tokenizer)`` from an HF directory, a ``.gguf`` file, or the default (None).
 
-    Directories pruned with non-uniform MLP widths load through their saved ``trust_remote_code`` module.
+    Directories pruned with non-uniform MLP widths load through their saved ``modeling_minigpt.py``; any other
+    code a directory names runs only with ``trust_remote_code=True`` (``minigpt.trust``: refused otherwise).
     ``device_map`` (e.g. ``"auto"``: spread over every visible GPU, then CPU) replaces ``device`` for directories.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -181,8 +183,9 @@ def load_model(
         else:
             if not (path / "config.json").exists():
                 raise MiniGPTError(f"{path} is not a Hugging Face model directory (no config.json)")
-            tokenizer = AutoTokenizer.from_pretrained(path)
-            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=True,
+            remote = needs_remote_code(path, trust_remote_code)
+            tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=remote)
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=remote,
                                                          device_map=device_map)
     except (OSError, ValueError, KeyError) as err:
         raise MiniGPTError(f"cannot load model from {path}: {str(err).splitlines()[0]}") from err

@@ -61,18 +61,20 @@ def _stats(model, tokenizer, stats, data, backend, calibration) -> CalibrationSt
     return calibrate(model, tokenizer, data, backend=backend, **(calibration or {}))
 
 
-def prune_vocabulary(model, tokenizer, token_counts, *, min_count: int = 1, always_keep=(), pad_to: int = 1,
-                     min_size: int = 0):
+def prune_vocabulary(model, tokenizer, token_counts, *, min_count: int | None = 1, always_keep=(), pad_to: int = 1,
+                     min_size: int = 0, keep_ids=None):
     """Drop tokens seen fewer than ``min_count`` times (keeping specials, bytes and merge-closure), in place.
 
-    ``min_size`` keeps at least that many tokens (the most frequent of the rest are added back).
+    ``min_size`` keeps at least that many tokens (the most frequent of the rest are added back). ``keep_ids``: a
+    kept set already chosen (``minigpt.vocab_size.choose_vocab``) instead of the count rule.
 
     Returns ``(new_tokenizer, kept_ids, report)``; ``kept_ids`` are the old ids in their new order.
     """
     from minigpt import vocab
 
-    keep = vocab.plan_vocab(tokenizer, token_counts, min_count=min_count, always_keep=always_keep, pad_to=pad_to,
-                            min_size=min_size)
+    keep = keep_ids if keep_ids is not None else vocab.plan_vocab(
+        tokenizer, token_counts, min_count=1 if min_count is None else min_count, always_keep=always_keep,
+        pad_to=pad_to, min_size=min_size)
     report = vocab.vocab_report(model, keep)
     new_tokenizer = vocab.prune_tokenizer(tokenizer, keep)
     vocab.shrink_vocab(model, keep)

@@ -21,6 +21,7 @@ import torch
 
 from minigpt import adapters
 from minigpt.errors import MiniGPTError
+from minigpt.trust import needs_remote_code
 
 INDEX = "model.safetensors.index.json"
 DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -120,19 +121,22 @@ def shards(src: Path) -> tuple[list[Shard], dict | None]:
     raise MiniGPTError(f"{src} holds no safetensors checkpoint (out-of-core pruning reads safetensors only)")
 
 
-def skeleton(src: Path):
-    """``(model, tokenizer)``: the model of ``src``'s config on the meta device (shapes, no memory), its tokenizer."""
+def skeleton(src: Path, trust_remote_code: bool = False):
+    """``(model, tokenizer)``: the model of ``src``'s config on the meta device (shapes, no memory), its tokenizer.
+
+    ``src``'s own code runs only under ``minigpt.trust``'s rule (``trust_remote_code``: the user allows any)."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     if not (src / "config.json").is_file():
         raise MiniGPTError(f"{src} is not a Hugging Face model directory (no config.json)")
     try:
-        config = AutoConfig.from_pretrained(src, trust_remote_code=True)
-        tokenizer = AutoTokenizer.from_pretrained(src)
+        remote = needs_remote_code(src, trust_remote_code)
+        config = AutoConfig.from_pretrained(src, trust_remote_code=remote)
+        tokenizer = AutoTokenizer.from_pretrained(src, trust_remote_code=remote)
     except (OSError, ValueError, KeyError) as err:
         raise MiniGPTError(f"cannot load the config or tokenizer of {src}: {str(err).splitlines()[0]}") from err
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config, trust_remote_code=True, dtype=config.dtype)
+        model = AutoModelForCausalLM.from_config(config, trust_remote_code=remote, dtype=config.dtype)
     return model.eval(), tokenizer
 
 
@@ -152,7 +156,7 @@ def neuron_params(model) -> dict[str, tuple[int, int]]:
 
 
 def prune_checkpoint(src: str | os.PathLike, out: str | os.PathLike, *, stats=None, pruning_plan=None,
-                     metric: str = "l1", report: dict | None = None, **policy):
+                     metric: str = "l1", report: dict | None = None, trust_remote_code: bool = False, **policy):
     """Prune the safetensors checkpoint ``src`` into the new directory ``out`` without loading it.
 
     Give a ``pruning_plan``, or ``stats`` with an activation ``metric`` and a policy (``ratio`` / ``threshold``,
@@ -165,7 +169,7 @@ def prune_checkpoint(src: str | os.PathLike, out: str | os.PathLike, *, stats=No
 
     src = Path(src)
     found, index = shards(src)
-    model, tokenizer = skeleton(src)
+    model, tokenizer = skeleton(src, trust_remote_code)
     original = {k: list(v.shape) for k, v in model.state_dict().items()}
     pruned = neuron_params(model)
     stored = {name: (shard, info) for shard in found for name, info in shard.tensors.items()}

@@ -223,3 +223,52 @@ def test_interrupted_save(sig, medium_model, tmp_path):
     assert proc.returncode == -9 and len(list(tmp_path.glob(".out.partial-*"))) == 1
     assert main(cmd[3:]) == 0  # the same command again, in this process
     assert [p.name for p in tmp_path.iterdir()] == ["out"] and json.loads((out / "minigpt_plan.json").read_text())
+
+
+MISSING = ("--model", "/nonexistent/model", "--data", "/nonexistent/corpus")  # reached only if options pass
+
+
+@pytest.mark.parametrize("argv, match", [
+    (["prune", *MISSING, "--ratio", "1.5"], "--ratio must be in [0, 1)"),
+    (["prune", *MISSING, "--threshold", "-1"], "--threshold must be in [0, 1]"),
+    (["prune", *MISSING, "--ratio", "nan"], "--ratio must be in [0, 1)"),
+    (["prune", *MISSING, "--ratio", "0.2", "--min-keep", "2"], "--min-keep must be in [0, 1]"),
+    (["prune", *MISSING, "--multiple", "0"], "--multiple must be a positive integer"),
+    (["prune", *MISSING, "--vocab", "--vocab-pad-to", "0"], "--vocab-pad-to must be a positive integer"),
+    (["prune", *MISSING, "--eval-tokens", "0"], "--eval-tokens must be a positive integer"),
+    (["calibrate", *MISSING, "--seq-len", "0"], "--seq-len must be ≥ 2"),
+    (["calibrate", *MISSING, "--batch-size", "0"], "--batch-size must be a positive integer"),
+    (["calibrate", *MISSING, "--max-tokens", "-5"], "--max-tokens must be a positive integer"),
+    (["calibrate", *MISSING, "--checkpoint-every", "-1"], "--checkpoint-every must be ≥ 0"),
+    (["eval", *MISSING, "--stride", "0"], "--stride must be a positive integer"),
+    (["finetune", *MISSING, "--lr", "-1"], "--lr must be > 0"),
+    (["mcq", "--model", "/nonexistent/model", "--questions", "/nonexistent/q.jsonl", "--choices", "1"],
+     "--choices must be ≥ 2"),
+    (["bench", "--model", "/nonexistent/model", "--batch-sizes", "1,0"], "--batch-sizes must be a positive integer"),
+])
+def test_bad_option_values_refused_first(argv, match, tmp_path, capsys):
+    """Each value is refused before the model, the corpus or any output is touched (their paths do not exist)."""
+    out = [] if argv[0] in ("eval", "mcq", "bench") else ["--out", tmp_path / "out"]
+    _fails(capsys, [*argv, *out], match, tmp_path)
+
+
+def test_binary_corpus_file_refused(model_dir, tmp_path, capsys):
+    """``--data /bin/ls`` (or any non-text file) is refused by name with the share of undecodable bytes."""
+    _fails(capsys, ["calibrate", "--model", model_dir, "--data", sys.executable, *CAL, "--out", tmp_path / "out"],
+           f"data file {sys.executable} is not text", tmp_path)
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    (corpus / "ok.txt").write_text("def f():\n    return 1\n" * 20)
+    (corpus / "blob.txt").write_bytes(bytes(range(256)) * 64)
+    _fails(capsys, ["prune", "--model", model_dir, "--data", corpus, *CAL, "--out", tmp_path / "out"],
+           "blob.txt is not text", tmp_path)
+
+
+def test_a_few_undecodable_bytes_only_warn(model_dir, tmp_path, caplog):
+    """Latin-1 leftovers in otherwise UTF-8 text (below the 1 % bound) calibrate, with a warning."""
+    data = tmp_path / "corpus.txt"
+    data.write_bytes(("x = 1  # ok\n" * 2000).encode() + b"caf\xe9\n")
+    with caplog.at_level("WARNING", logger="minigpt"):
+        assert main(["calibrate", "--model", str(model_dir), "--data", str(data), *CAL,
+                     "--out", str(tmp_path / "s.safetensors")]) == 0
+    assert "not UTF-8" in caplog.text

@@ -152,7 +152,8 @@ def test_vocab_counted_by_tokenizer_alone_with_min_size(model_dir, corpus_dir, t
 
     out = tmp_path / "pruned-vocab-min"
     code, _, _ = _run(capsys, "prune", "--model", model_dir, "--data", corpus_dir, *CAL, "--ratio", "0.25",
-                      "--vocab", "--vocab-tokens", "2048", "--vocab-min-size", "480", "--vocab-pad-to", "8",
+                      "--vocab", "--vocab-min-count", "1", "--vocab-tokens", "2048", "--vocab-min-size", "480",
+                      "--vocab-pad-to", "8",
                       "--out", out, "--no-eval")
     assert code == 0
     report = json.loads((out / "minigpt_report.json").read_text())

@@ -66,3 +66,57 @@ def test_heldout_stream_and_perplexity_take_the_windows(tiny_tokenizer, corpus_d
     r = perplexity(tiny_model("llama"), tiny_tokenizer, [str(f) for f in files], seq_len=64, max_tokens=10**6,
                    doc_tokens=100)
     assert r["tokens"] == ids.numel() - -(-ids.numel() // 64)  # a window's first token has no context
+
+
+LARGE_FILE_RUN = """
+import json, sys
+from pathlib import Path
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+from minigpt.calibration import calibrate
+
+def status(key):
+    return int(next(l for l in open("/proc/self/status") if l.startswith(key)).split()[1]) * 1024
+
+def bytes_read():
+    return int(next(l for l in open("/proc/self/io") if l.startswith("rchar")).split()[1])
+
+model_dir, data = sys.argv[1], sys.argv[2]
+torch.set_num_threads(1)
+model, tokenizer = AutoModelForCausalLM.from_pretrained(model_dir).eval(), AutoTokenizer.from_pretrained(model_dir)
+open("/proc/self/clear_refs", "w").write("5")  # the high-water mark restarts from the model's resident set
+base, read = status("VmRSS"), bytes_read()
+stats = calibrate(model, tokenizer, [data], max_tokens=4096, seq_len=512, batch_size=8, progress=False)
+print(json.dumps({"tokens": stats.tokens, "peak_above_model": status("VmHWM") - base,
+                  "bytes_read": bytes_read() - read}))
+"""
+
+
+def test_two_gigabyte_file_streams_in_pieces(tiny_tokenizer, tmp_path):
+    """4,096 calibration tokens from a 2 GB text file: the file is read a piece at a time (a few MiB of it, not
+    2 GB) and resident memory grows by far less than 1 GB above the model's. The file is deleted afterwards."""
+    import json
+    import subprocess
+    import sys
+
+    from conftest import STDLIB, tiny_model
+    from scale_helpers import save_model, worker_env
+
+    from minigpt.data import LARGE_FILE_BYTES
+
+    model_dir = save_model(tiny_model("llama"), tiny_tokenizer, tmp_path / "model")
+    block = "\n\n".join(p.read_text() for p in sorted(STDLIB.glob("*.py"))[:40]).encode()
+    big = tmp_path / "big.txt"
+    try:
+        with big.open("wb") as f:
+            while f.tell() < 2 * 2**30:
+                f.write(block)
+        done = subprocess.run([sys.executable, "-c", LARGE_FILE_RUN, str(model_dir), str(big)], env=worker_env(),
+                              capture_output=True, text=True, timeout=600, check=False)
+    finally:
+        big.unlink(missing_ok=True)
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout.splitlines()[-1])
+    assert result["tokens"] == 4096
+    assert result["bytes_read"] < 16 * LARGE_FILE_BYTES
+    assert result["peak_above_model"] < 2**30

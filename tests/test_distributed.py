@@ -78,3 +78,89 @@ def test_device_map_with_offloaded_layers(setup, tmp_path, tiny_tokenizer):
                  "--seq-len", str(SEQ_LEN), "--batch-size", "2", "--max-tokens", str(8 * SEQ_LEN), "--no-progress",
                  "--out", str(out)]) == 0
     assert_stats_equal(CalibrationStats.load(out), plain, exact=True)
+
+
+def _stdlib_text(nbytes: int) -> str:
+    """At least ``nbytes`` of real text: standard-library sources joined by blank lines, in a fixed order."""
+    from conftest import STDLIB
+
+    parts, size = [], 0
+    for path in sorted(STDLIB.glob("*.py")):
+        text = path.read_text(errors="replace")
+        parts.append(text)
+        size += len(text.encode())
+        if size >= nbytes:
+            return "\n\n".join(parts)
+    raise AssertionError("the standard library is smaller than asked")
+
+
+def _one_file(root):
+    (root / "big.txt").write_text(_stdlib_text(int(2.5 * (1 << 20))))  # three pieces of about 1 MiB
+    return root / "big.txt"
+
+
+def _three_files(root):
+    """Three documents of different lengths: the ranks' round-robin shares are unequal, so ranks rebalance."""
+    from conftest import STDLIB
+
+    for name in ("bisect.py", "textwrap.py", "heapq.py"):
+        (root / f"{name}.txt").write_text((STDLIB / name).read_text())
+    return root
+
+
+def _many_files(root):
+    text = _stdlib_text(600_000)
+    for i in range(1000):
+        (root / f"f{i:04d}.txt").write_text(text[i * 500 : (i + 1) * 500 + 300])
+    return root
+
+
+def _kept_agreement(a: CalibrationStats, b: CalibrationStats) -> float:
+    """Share of the neurons an l1 20 % plan of ``a`` keeps that the plan of ``b`` keeps too."""
+    from minigpt.planning import plan
+
+    kept_a, kept_b = (plan(s, "l1", ratio=0.2).kept for s in (a, b))
+    return sum(len(set(x) & set(y)) for x, y in zip(kept_a, kept_b)) / sum(len(x) for x in kept_a)
+
+
+@pytest.mark.parametrize("corpus, budget, rebalanced", [(_one_file, 8192, False), (_three_files, 18432, True),
+                                                        (_many_files, 8192, False)])
+def test_every_rank_works_on_the_exact_budget(corpus, budget, rebalanced, setup, tmp_path):
+    """One big file (split into pieces), three files of unequal length, 1,000 small files: two ranks calibrate on
+    exactly the budget (rounded up to whole sequences), both take part, and the plans agree with one process's.
+    With three files the rank holding only textwrap (~8.4k tokens) runs out before its half of 18,432 tokens:
+    the other rank calibrates the rest."""
+    model, _ = setup
+    (tmp_path / "corpus").mkdir()
+    data = corpus(tmp_path / "corpus")
+    args = ("--seq-len", SEQ_LEN, "--batch-size", 4, "--max-tokens", budget - 5, "--no-progress")
+    single, dist = tmp_path / "single.safetensors", tmp_path / "dist.safetensors"
+    assert main(["calibrate", "--model", str(model), "--data", str(data), *map(str, args), "--out", str(single)]) == 0
+    done = run(torchrun(2, "calibrate", "--model", model, "--data", data, *args, "--out", dist))
+    assert done.returncode == 0, done.stderr
+    a, b = CalibrationStats.load(single), CalibrationStats.load(dist)
+    assert a.tokens == b.tokens == budget == b.meta["tokens_requested"]  # budget - 5, rounded up
+    per_rank = b.meta["sequences_per_rank"]
+    assert len(per_rank) == 2 and min(per_rank) > 0
+    assert (max(per_rank) - min(per_rank) > 1) == rebalanced
+    assert _kept_agreement(a, b) >= 0.95
+
+
+def test_short_corpus_warns_with_the_numbers(setup, tmp_path):
+    model, corpus = setup
+    have = aligned_tokens(corpus) // SEQ_LEN * SEQ_LEN
+    done = run(torchrun(2, "calibrate", "--model", model, "--data", corpus, "--seq-len", SEQ_LEN, "--max-tokens",
+                        10 * have, "--no-progress", "--out", tmp_path / "s.safetensors"))
+    assert done.returncode == 0, done.stderr
+    assert f"the corpus supplied {have} of the {10 * have} calibration tokens asked" in done.stderr
+    assert CalibrationStats.load(tmp_path / "s.safetensors").tokens == have
+
+
+def test_a_rank_with_nothing_is_an_error_before_any_token(setup, tmp_path):
+    model, _ = setup
+    (tmp_path / "one.txt").write_text(_stdlib_text(10_000))
+    done = run(torchrun(2, "calibrate", "--model", model, "--data", tmp_path / "one.txt", "--seq-len", SEQ_LEN,
+                        "--max-tokens", 1024, "--no-progress", "--out", tmp_path / "s.safetensors"))
+    assert done.returncode != 0
+    assert "minigpt: error: the corpus is 1 document(s) for 2 ranks, so rank 1 would get nothing" in done.stderr
+    assert not (tmp_path / "s.safetensors").exists()
