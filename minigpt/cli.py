@@ -43,6 +43,12 @@ def _add_eval_args(p: argparse.ArgumentParser, data_flag: str) -> None:
     p.add_argument("--eval-doc-tokens", type=int, help="at most this many held-out tokens per document")
 
 
+def _multiple(text: str) -> int | str:
+    if text == "auto" or (text.isdigit() and int(text) >= 1):
+        return text if text == "auto" else int(text)
+    raise argparse.ArgumentTypeError(f"must be 'auto' or a positive integer, got {text!r}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="minigpt", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true")
@@ -72,7 +78,9 @@ def build_parser() -> argparse.ArgumentParser:
     policy.add_argument("--threshold", type=float, help="drop neurons whose normalised score is below this")
     policy.add_argument("--ratio", type=float, help="fraction of MLP neurons to remove (default 0.2)")
     pr.add_argument("--scope", default="uniform", choices=("uniform", "global"), help="how --ratio is spread")
-    pr.add_argument("--multiple", type=int, default=1, help="round kept widths up to a multiple (64/128)")
+    pr.add_argument("--multiple", type=_multiple, default="auto",
+                    help="round kept widths up to a multiple: 'auto' (default) = 32, the block of GGUF Q8_0/Q4_0, "
+                         "when the model's widths are multiples of 32; 64/128 for tensor cores; 1 = exact")
     pr.add_argument("--min-keep", type=float, default=0.0, help="keep at least this fraction of every layer")
     pr.add_argument("--vocab", action="store_true", help="also drop tokens unseen in the calibration corpus")
     pr.add_argument("--vocab-min-count", type=int, default=1, help="keep tokens seen at least this often")
@@ -186,6 +194,13 @@ def _table(before: dict | None, after: dict) -> str:
     return "\n".join(lines)
 
 
+def _removed(plan) -> str:
+    """The fraction removed, exactly: rounding up to a multiple keeps more neurons than the ratio alone would."""
+    kept, total = sum(plan.kept_widths), sum(plan.widths)
+    return (f"{100 * plan.removed_fraction:.1f}% of MLP neurons (exactly {total - kept:,} of {total:,} = "
+            f"{100 * plan.removed_fraction:.3f}%; kept widths rounded up to multiples of {plan.policy.get('multiple', 1)})")
+
+
 def _prune_out_of_core(args, source: Path, out: Path, stats, given_plan, ratio) -> None:
     """``prune --out-of-core``: the safetensors checkpoint is rewritten shard by shard, never loaded (no eval)."""
     from minigpt.sharded import prune_checkpoint
@@ -201,7 +216,7 @@ def _prune_out_of_core(args, source: Path, out: Path, stats, given_plan, ratio) 
         print(json.dumps(report, indent=1))
         return
     sizes = report["weight_bytes"]
-    print(f"removed {100 * plan.removed_fraction:.1f}% of MLP neurons out of core; saved to {out} "
+    print(f"removed {_removed(plan)} out of core; saved to {out} "
           f"(weights {sizes['before'] / 2**20:,.1f} MiB -> {sizes['after'] / 2**20:,.1f} MiB)")
 
 
@@ -260,7 +275,7 @@ def cmd_prune(args) -> None:
     if args.json:
         print(json.dumps(report, indent=1))
     else:
-        print(f"\nremoved {100 * plan.removed_fraction:.1f}% of MLP neurons; saved to {out}")
+        print(f"\nremoved {_removed(plan)}; saved to {out}")
         if vocab_report:
             print(f"vocabulary: kept {vocab_report['vocab_kept']:,} of {vocab_report['vocab_old']:,} tokens "
                   f"({vocab_report['embedding_params_saved']:,} embedding parameters saved)")
