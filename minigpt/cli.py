@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import logging
 import os
@@ -102,6 +103,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_eval_args(ev, "--data")
     ev.add_argument("--json", action="store_true")
     ev.add_argument("--no-progress", action="store_true")
+    ev.add_argument("--lm-eval-tasks", nargs="+", help="also run these lm-evaluation-harness tasks on the model")
+    ev.add_argument("--lm-eval-include", help="directory of local lm-eval task files (e.g. from minigpt mcq)")
+    ev.add_argument("--lm-eval-limit", type=int, help="at most this many documents per lm-eval task")
 
     from minigpt import bench
 
@@ -113,6 +117,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     experiment.add_parser(sub)
     mcq.add_parser(sub)
+    from minigpt import gguf_export
+
+    gguf_export.add_parser(sub)
     return parser
 
 
@@ -286,9 +293,19 @@ def cmd_prune(args) -> None:
 def cmd_eval(args) -> None:
     from minigpt.evaluation import evaluate
 
+    if args.lm_eval_tasks:
+        from minigpt.harness import INSTALL_HINT
+
+        if importlib.util.find_spec("lm_eval") is None:
+            raise MiniGPTError(INSTALL_HINT)  # before loading anything
     model, tokenizer = _load(args)
     result = evaluate(model, tokenizer, args.data, seq_len=args.eval_seq_len, stride=args.stride,
                       max_tokens=args.eval_tokens, doc_tokens=args.eval_doc_tokens)
+    if args.lm_eval_tasks:
+        from minigpt.harness import run_tasks
+
+        result["lm_eval"] = run_tasks(model, tokenizer, args.lm_eval_tasks, include_path=args.lm_eval_include,
+                                      limit=args.lm_eval_limit)
     if args.json:
         print(json.dumps(result, indent=1))
         return
@@ -296,6 +313,8 @@ def cmd_eval(args) -> None:
     print(f"perplexity {result['perplexity']:.3f} over {result['tokens']} tokens (window {result['seq_len']}, "
           f"stride {result['stride']}), {result['bits_per_byte']:.4f} bits/byte")
     print(f"parameters {p['total']:,} (MLP {p['mlp']:,}, embedding {p['embedding']:,}, attention {p['attention']:,})")
+    for task, metrics in result.get("lm_eval", {}).items():
+        print(f"lm-eval {task}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
 
 
 COMMANDS = {"calibrate": cmd_calibrate, "prune": cmd_prune, "eval": cmd_eval}
