@@ -9,6 +9,7 @@ client's own message (the last line of the error).
 
 from __future__ import annotations
 
+import gc
 import json
 import sys
 import time
@@ -23,15 +24,22 @@ def _error(err: BaseException) -> str:
 
 def check_vllm(ref: dict) -> dict:
     from vllm import LLM, SamplingParams
+    from vllm.distributed.parallel_state import destroy_distributed_environment, destroy_model_parallel
     from vllm.inputs import TokensPrompt
 
     llm = LLM(model=ref["dir"], trust_remote_code=True, dtype="float32", max_model_len=1024, enforce_eager=True,
               seed=0)
-    params = SamplingParams(temperature=0.0, max_tokens=ref["new_tokens"], ignore_eos=True)
-    outs = llm.generate([TokensPrompt(prompt_token_ids=ids) for ids in ref["prompt_ids"]], params)
-    tokens = [list(o.outputs[0].token_ids) for o in outs]
-    tokenizer = llm.get_tokenizer()
-    encoded = [tokenizer.encode(p, add_special_tokens=False) for p in ref["prompts"]]
+    try:
+        params = SamplingParams(temperature=0.0, max_tokens=ref["new_tokens"], ignore_eos=True)
+        outs = llm.generate([TokensPrompt(prompt_token_ids=ids) for ids in ref["prompt_ids"]], params)
+        tokens = [list(o.outputs[0].token_ids) for o in outs]
+        tokenizer = llm.get_tokenizer()
+        encoded = [tokenizer.encode(p, add_special_tokens=False) for p in ref["prompts"]]
+    finally:  # the engine runs in this process (VLLM_ENABLE_V1_MULTIPROCESSING=0): free it for the next model
+        del llm
+        gc.collect()
+        destroy_model_parallel()
+        destroy_distributed_environment()
     return {"tokens": tokens, "greedy_equal": tokens == ref["greedy"], "prompt_ids_equal": encoded == ref["prompt_ids"]}
 
 
