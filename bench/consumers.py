@@ -110,7 +110,7 @@ def prepare(work: str) -> None:
     models = {}
     for name, directory in dirs.items():
         start = time.time()
-        tokenizer = AutoTokenizer.from_pretrained(directory)
+        tokenizer = AutoTokenizer.from_pretrained(directory, trust_remote_code=True)
         model = AutoModelForCausalLM.from_pretrained(directory, trust_remote_code=True, dtype=torch.float32).eval()
         prompt_ids = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in PROMPTS]
         logliks = [[loglikelihood(model, *lm_eval_split(tokenizer, q["question"], c)) for c in q["choices"]]

@@ -181,7 +181,7 @@ def load_model(
         else:
             if not (path / "config.json").exists():
                 raise MiniGPTError(f"{path} is not a Hugging Face model directory (no config.json)")
-            tokenizer = AutoTokenizer.from_pretrained(path)
+            tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=True)  # config: Nemotron-NAS
             model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=True,
                                                          device_map=device_map)
     except (OSError, ValueError, KeyError) as err:
