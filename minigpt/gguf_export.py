@@ -47,13 +47,13 @@ def pre_tokenizer_name(tokenizer) -> str:
 
 
 def _check_exportable(model) -> None:
-    model_type = model.config.model_type
-    if model_type not in EXPORTABLE:
-        raise MiniGPTError(f"GGUF export supports {', '.join(EXPORTABLE)}, not {model_type!r}")
     widths = adapters.widths(model)
     if len(set(widths)) > 1:
         raise MiniGPTError(f"cannot export per-layer MLP widths ({min(widths)}..{max(widths)}) to GGUF: "
                            f"{PER_LAYER_REFUSAL}")
+    model_type = model.config.model_type
+    if model_type not in EXPORTABLE:
+        raise MiniGPTError(f"GGUF export supports {', '.join(EXPORTABLE)}, not {model_type!r}")
 
 
 def _permute_for_rope(w: torch.Tensor, heads: int) -> torch.Tensor:
