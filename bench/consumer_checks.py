@@ -71,7 +71,7 @@ def check_lmeval(ref: dict) -> dict:
     from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
 
-    lm = HFLM(pretrained=ref["dir"], trust_remote_code=True, dtype="float32", batch_size=1)
+    lm = HFLM(pretrained=ref["dir"], trust_remote_code=True, dtype="float32", batch_size=1, device="cpu")
     manager = TaskManager(include_path=ref["lm_eval"]["task_dir"])
     task = ref["lm_eval"]["task"]
     out = lm_eval.simple_evaluate(model=lm, tasks=[task], task_manager=manager, log_samples=True)
