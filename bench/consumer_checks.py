@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import gc
 import json
+import os
 import sys
 import time
 import traceback
@@ -74,14 +75,17 @@ def check_lmeval(ref: dict) -> dict:
     lm = HFLM(pretrained=ref["dir"], trust_remote_code=True, dtype="float32", batch_size=1, device="cpu")
     manager = TaskManager(include_path=ref["lm_eval"]["task_dir"])
     task = ref["lm_eval"]["task"]
-    out = lm_eval.simple_evaluate(model=lm, tasks=[task], task_manager=manager, log_samples=True)
+    limit = int(os.environ.get("CONSUMERS_LMEVAL_LIMIT", "0")) or None  # the first N questions (slow machines)
+    out = lm_eval.simple_evaluate(model=lm, tasks=[task], task_manager=manager, log_samples=True, limit=limit)
     samples = sorted(out["samples"][task], key=lambda s: s["doc_id"])
     logliks = [[float(r[0]) for r in s["filtered_resps"]] for s in samples]
-    expected = ref["lm_eval"]["logliks"]
+    expected = ref["lm_eval"]["logliks"][: len(samples)]
     worst = max(abs(a - b) for got, want in zip(logliks, expected) for a, b in zip(got, want))
+    answers = [int(s["doc"]["answer"]) for s in samples]
+    acc_transformers = sum(max(range(len(e)), key=e.__getitem__) == a for e, a in zip(expected, answers)) / len(samples)
     acc = out["results"][task]["acc,none"]
-    return {"acc": acc, "acc_transformers": ref["lm_eval"]["acc"], "max_abs_loglik_diff": worst,
-            "metric_within_tolerance": abs(acc - ref["lm_eval"]["acc"]) <= ref["lm_eval"]["acc_tolerance"]
+    return {"questions": len(samples), "acc": acc, "acc_transformers": acc_transformers, "max_abs_loglik_diff": worst,
+            "metric_within_tolerance": abs(acc - acc_transformers) <= ref["lm_eval"]["acc_tolerance"]
             and worst <= ref["lm_eval"]["loglik_tolerance"]}
 
 

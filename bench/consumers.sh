@@ -44,6 +44,6 @@ venv llamacpp llama-cpp-python
 "$VENVS/llamacpp/bin/python" bench/consumer_checks.py llamacpp "$WORK"
 
 venv lmeval "lm-eval[hf]"
-"$VENVS/lmeval/bin/python" bench/consumer_checks.py lmeval "$WORK"
+"$VENVS/lmeval/bin/python" bench/consumer_checks.py lmeval "$WORK"  # CONSUMERS_LMEVAL_LIMIT=N: first N questions
 
 "$PYTHON" -m bench.consumers report "$WORK" "$OUT"
