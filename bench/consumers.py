@@ -166,7 +166,10 @@ def report(work: str, out: str) -> None:
     lines = [f"# Consumers check ({when}): {'all pass' if all_pass else 'NOT all pass'}", "",
              "`bash bench/consumers.sh` (clients in their own virtual environments, installed from the package index).",
              f"Versions: {json.dumps(versions)}.", "",
-             "| model | " + " | ".join(names[c] for c in CLIENTS) + " |", "|---|---|---|---|", *rows, ""]
+             "| model | " + " | ".join(names[c] for c in CLIENTS) + " |", "|---|---|---|---|", *rows, "",
+             "`minigpt export` (written in minigpt's environment): " + "; ".join(
+                 f"{m}: Q8_0 {r['gguf_bytes']['q8_0'] / 1e6:.1f} MB" if "gguf_bytes" in r else f"{m}: {r['gguf_refusal']}"
+                 for m, r in refs.items()) + ".", ""]
     Path(f"{out}.md").write_text("\n".join(lines))
     Path(f"{out}.json").write_text(json.dumps({"when": when, "all_pass": all_pass, "passed": passed,
                                                "results": results, "references": refs}, indent=1))
