@@ -139,8 +139,8 @@ def _cell(client: str, result: dict | None) -> tuple[str, bool]:
         return f"export refused ({result['refusal'].split(':', 1)[-1].strip()[:60]}…)", True
     if client == "lmeval":
         ok = result["metric_within_tolerance"]
-        text = (f"acc {result['acc']:.3f} vs {result['acc_transformers']:.3f}, max Δ log-lik "
-                f"{result['max_abs_loglik_diff']:.1e}")
+        text = (f"acc {result['acc']:.3f} vs {result['acc_transformers']:.3f} ({result['questions']} questions), "
+                f"max Δ log-lik {result['max_abs_loglik_diff']:.1e}")
         return text, ok
     ok = result["greedy_equal"] and result["prompt_ids_equal"]
     text = "greedy tokens equal" if result["greedy_equal"] else "greedy tokens differ"
