@@ -50,6 +50,7 @@ class MLPLayout:
 GATED = MLPLayout("model.layers", "mlp", ("gate_proj", "up_proj"), ("down_proj",), "act_fn", "intermediate_size")
 ADAPTERS: dict[str, MLPLayout] = {
     "llama": GATED,
+    "nemotron-nas": GATED,  # Llama with per-layer shapes, as saved by minigpt.formats
     "mistral": GATED,
     "qwen2": GATED,
     "qwen3": GATED,

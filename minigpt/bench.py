@@ -263,12 +263,13 @@ def relative(base: dict, other: dict) -> dict:
 def benchmark(models: list[str | ModelSpec], *, device: str = "cpu", dtype: torch.dtype | None = None,
               prompt_lengths: list[int] = (128, 512), decode_tokens: int = 32, batch_sizes: list[int] = (1, 8),
               repeats: int = 5, warmup: int = 1, ablation_multiples: list[int] | None = None,
-              trust_remote_code: bool = False) -> dict:
+              trust_remote_code: bool = False, engines: tuple[str, ...] = ("transformers",)) -> dict:
     """Measure every model (specs or ``ModelSpec``) on the same inputs; the first is the reference.
 
     Returns ``{"meta": ..., "models": [{"spec", ...measure..., "relative"}]}``. ``ablation_multiples`` expands
     each ``BASE@RATIO`` spec into one ``BASE@RATIO/M`` per multiple M. Every model directory passes
-    ``minigpt.trust``'s rule before the first is measured.
+    ``minigpt.trust``'s rule before the first is measured. ``engines`` with ``vllm`` adds each model's
+    vLLM figures under ``"vllm"`` (``minigpt.vllm_bench``; a model pruned here is saved to a temporary directory).
     """
     from minigpt.trust import needs_remote_code
 
@@ -292,6 +293,8 @@ def benchmark(models: list[str | ModelSpec], *, device: str = "cpu", dtype: torc
     for spec in specs:
         model = load(spec, device, dtype, trust_remote_code)
         results.append({"spec": spec.text, **measure(model, ids, device=device, **settings)})
+        if "vllm" in engines:
+            results[-1]["vllm"] = _vllm(spec, model, ids, dtype, settings)
         del model
         gc.collect()
         if device.startswith("cuda"):
@@ -299,6 +302,22 @@ def benchmark(models: list[str | ModelSpec], *, device: str = "cpu", dtype: torc
     for r in results:
         r["relative"] = relative(results[0], r)
     return {"meta": _meta(device, dtype, settings), "models": results}
+
+
+def _vllm(spec: ModelSpec, model, ids: torch.Tensor, dtype: torch.dtype, settings: dict) -> dict:
+    """vLLM figures of one model: its directory as given, or a temporary save of what was built or pruned here."""
+    import tempfile
+
+    from minigpt import vllm_bench
+    from minigpt.compact import save_pruned
+    from minigpt.io import default_model_path
+
+    if spec.ratio is None and spec.base not in NAMED_CONFIGS:
+        path = default_model_path() if spec.base == "default" else Path(spec.base)
+        return vllm_bench.measure(path, ids, dtype=dtype, summary=summary, **settings)
+    with tempfile.TemporaryDirectory() as tmp:
+        saved = save_pruned(model, None, Path(tmp) / "model")
+        return vllm_bench.measure(saved, ids, dtype=dtype, summary=summary, **settings)
 
 
 def _meta(device: str, dtype: torch.dtype, settings: dict) -> dict:
@@ -346,8 +365,11 @@ def format_table(report: dict) -> str:
     title = (f"{meta['device']} {meta['gpu'] or meta['processor']}, {meta['dtype']}, {meta['cpu_threads']} threads, "
              f"torch {meta['torch']}, {meta['repeats']} repeats after {meta['warmup']} warm-up; "
              f"decode and generate: {meta['decode_tokens']} tokens after a {lengths[0]}-token prompt")
-    return "\n\n".join([title, _markdown(head, rows), f"Against {models[0]['spec']} (speedup ×, change %):",
-                        _markdown(rel_head, rel_rows)])
+    from minigpt.vllm_bench import table as vllm_table
+
+    parts = [title, _markdown(head, rows), f"Against {models[0]['spec']} (speedup ×, change %):",
+             _markdown(rel_head, rel_rows), vllm_table(models, meta)]
+    return "\n\n".join(p for p in parts if p)
 
 
 def _markdown(head: list[str], rows: list[list[str]]) -> str:
@@ -428,6 +450,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--ablation-multiples", type=_ints, help="e.g. 1,64,128: each BASE@RATIO model once per multiple")
+    p.add_argument("--engine", nargs="+", default=["transformers"], choices=("transformers", "vllm"),
+                   help="vllm: also measure every model in vLLM (offline LLM.generate), beside transformers")
     p.add_argument("--json", help="write the report as JSON here")
     p.add_argument("--markdown", help="write the tables as markdown here")
     p.add_argument("--plot", help="write a PNG plot here")
@@ -438,14 +462,17 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 def run(args) -> None:
     """The ``bench`` subcommand: measure, print the tables, write the requested files."""
+    from minigpt import vllm_bench
     from minigpt.cli import _device_dtype
     from minigpt.io import atomic_file
 
+    if "vllm" in args.engine and not vllm_bench.available():
+        raise MiniGPTError(vllm_bench.INSTALL_HINT)  # before loading any model
     device, dtype = _device_dtype(args)
     report = benchmark(args.model, device=device, dtype=dtype, prompt_lengths=args.prompt_lengths,
                        decode_tokens=args.decode_tokens, batch_sizes=args.batch_sizes, repeats=args.repeats,
                        warmup=args.warmup, ablation_multiples=args.ablation_multiples,
-                       trust_remote_code=args.trust_remote_code)
+                       trust_remote_code=args.trust_remote_code, engines=tuple(args.engine))
     table = format_table(report)
     print(table)
     for path, write in ((args.json, lambda p: p.write_text(json.dumps(report, indent=1))),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import logging
 import os
@@ -50,6 +51,12 @@ def _add_eval_args(p: argparse.ArgumentParser, data_flag: str) -> None:
     p.add_argument("--eval-doc-tokens", type=int, help="at most this many held-out tokens per document")
 
 
+def _multiple(text: str) -> int | str:
+    if text == "auto" or (text.isdigit() and int(text) >= 1):
+        return text if text == "auto" else int(text)
+    raise argparse.ArgumentTypeError(f"must be 'auto' or a positive integer, got {text!r}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="minigpt", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true")
@@ -79,7 +86,9 @@ def build_parser() -> argparse.ArgumentParser:
     policy.add_argument("--threshold", type=float, help="drop neurons whose normalised score is below this")
     policy.add_argument("--ratio", type=float, help="fraction of MLP neurons to remove (default 0.2)")
     pr.add_argument("--scope", default="uniform", choices=("uniform", "global"), help="how --ratio is spread")
-    pr.add_argument("--multiple", type=int, default=1, help="round kept widths up to a multiple (64/128)")
+    pr.add_argument("--multiple", type=_multiple, default="auto",
+                    help="round kept widths up to a multiple: 'auto' (default) = 32, the block of GGUF Q8_0/Q4_0, "
+                         "when the model's widths are multiples of 32; 64/128 for tensor cores; 1 = exact")
     pr.add_argument("--min-keep", type=float, default=0.0, help="keep at least this fraction of every layer")
     pr.add_argument("--vocab", action="store_true", help="also drop the tokens the domain uses least: the fewest "
                     "kept whose held-out bits per byte rise by at most --vocab-max-increase (README: Vocabulary)")
@@ -107,6 +116,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_eval_args(ev, "--data")
     ev.add_argument("--json", action="store_true")
     ev.add_argument("--no-progress", action="store_true")
+    ev.add_argument("--lm-eval-tasks", nargs="+", help="also run these lm-evaluation-harness tasks on the model")
+    ev.add_argument("--lm-eval-include", help="directory of local lm-eval task files (e.g. from minigpt mcq)")
+    ev.add_argument("--lm-eval-limit", type=int, help="at most this many documents per lm-eval task")
 
     from minigpt import bench
 
@@ -118,6 +130,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     experiment.add_parser(sub)
     mcq.add_parser(sub)
+    from minigpt import gguf_export
+
+    gguf_export.add_parser(sub)
     return parser
 
 
@@ -204,6 +219,13 @@ def _table(before: dict | None, after: dict) -> str:
     return "\n".join(lines)
 
 
+def _removed(plan) -> str:
+    """The fraction removed, exactly: rounding up to a multiple keeps more neurons than the ratio alone would."""
+    kept, total = sum(plan.kept_widths), sum(plan.widths)
+    return (f"{100 * plan.removed_fraction:.1f}% of MLP neurons (exactly {total - kept:,} of {total:,} = "
+            f"{100 * plan.removed_fraction:.3f}%; kept widths rounded up to multiples of {plan.policy.get('multiple', 1)})")
+
+
 def _prune_out_of_core(args, source: Path, out: Path, stats, given_plan, ratio) -> None:
     """``prune --out-of-core``: the safetensors checkpoint is rewritten shard by shard, never loaded (no eval)."""
     from minigpt.sharded import prune_checkpoint
@@ -220,7 +242,7 @@ def _prune_out_of_core(args, source: Path, out: Path, stats, given_plan, ratio) 
         print(json.dumps(report, indent=1))
         return
     sizes = report["weight_bytes"]
-    print(f"removed {100 * plan.removed_fraction:.1f}% of MLP neurons out of core; saved to {out} "
+    print(f"removed {_removed(plan)} out of core; saved to {out} "
           f"(weights {sizes['before'] / 2**20:,.1f} MiB -> {sizes['after'] / 2**20:,.1f} MiB)")
 
 
@@ -282,7 +304,7 @@ def cmd_prune(args) -> None:
     if args.json:
         print(json.dumps(report, indent=1))
     else:
-        print(f"\nremoved {100 * plan.removed_fraction:.1f}% of MLP neurons; saved to {out}")
+        print(f"\nremoved {_removed(plan)}; saved to {out}")
         if vocab_report:
             print(f"vocabulary: kept {vocab_report['vocab_kept']:,} of {vocab_report['vocab_old']:,} tokens "
                   f"({vocab_report['embedding_params_saved']:,} embedding parameters saved)")
@@ -310,9 +332,19 @@ def _vocab_choice(model, tokenizer, counts, args) -> tuple:
 def cmd_eval(args) -> None:
     from minigpt.evaluation import evaluate
 
+    if args.lm_eval_tasks:
+        from minigpt.harness import INSTALL_HINT
+
+        if importlib.util.find_spec("lm_eval") is None:
+            raise MiniGPTError(INSTALL_HINT)  # before loading anything
     model, tokenizer = _load(args)
     result = evaluate(model, tokenizer, args.data, seq_len=args.eval_seq_len, stride=args.stride,
                       max_tokens=args.eval_tokens, doc_tokens=args.eval_doc_tokens)
+    if args.lm_eval_tasks:
+        from minigpt.harness import run_tasks
+
+        result["lm_eval"] = run_tasks(model, tokenizer, args.lm_eval_tasks, include_path=args.lm_eval_include,
+                                      limit=args.lm_eval_limit)
     if args.json:
         print(json.dumps(result, indent=1))
         return
@@ -320,6 +352,8 @@ def cmd_eval(args) -> None:
     print(f"perplexity {result['perplexity']:.3f} over {result['tokens']} tokens (window {result['seq_len']}, "
           f"stride {result['stride']}), {result['bits_per_byte']:.4f} bits/byte")
     print(f"parameters {p['total']:,} (MLP {p['mlp']:,}, embedding {p['embedding']:,}, attention {p['attention']:,})")
+    for task, metrics in result.get("lm_eval", {}).items():
+        print(f"lm-eval {task}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
 
 
 COMMANDS = {"calibrate": cmd_calibrate, "prune": cmd_prune, "eval": cmd_eval}

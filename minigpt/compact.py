@@ -7,7 +7,7 @@ import json
 import os
 from pathlib import Path
 
-from minigpt import adapters, ops
+from minigpt import adapters, formats, ops
 from minigpt.errors import MiniGPTError
 from minigpt.io import atomic_dir, save_model
 from minigpt.planning import PruningPlan
@@ -38,7 +38,8 @@ def save_pruned(model, tokenizer, out: str | os.PathLike, plan: PruningPlan | No
     ``out`` only with ``overwrite``, replaced as a whole once the new one is complete).
 
     Uniform widths load with stock ``from_pretrained``. Per-layer widths add ``modeling_minigpt.py`` and an
-    ``auto_map`` so ``from_pretrained(out, trust_remote_code=True)`` (and ``minigpt.load_model``) rebuild them.
+    ``auto_map`` so ``from_pretrained(out, trust_remote_code=True)`` (and ``minigpt.load_model``) rebuild them; the
+    Llama family is saved in the Nemotron-NAS format that vLLM also runs (``minigpt.formats``).
     ``write_weights(dir)`` writes the weights instead of ``save_pretrained`` (out-of-core compaction of a
     meta-device ``model``, see ``minigpt.sharded``); config, generation config and tokenizer are saved as usual.
     """
@@ -47,7 +48,8 @@ def save_pruned(model, tokenizer, out: str | os.PathLike, plan: PruningPlan | No
         raise MiniGPTError(f"output {out} would overwrite the source model {source}")
     config = model.config
     nonuniform = hasattr(config, "minigpt_mlp_widths")
-    if nonuniform:
+    decilm = formats.uses_decilm(model) and (nonuniform or config.model_type == "nemotron-nas")
+    if nonuniform and not decilm:
         layout = dataclasses.asdict(adapters.get_layout(model))
         config.minigpt_layout = {k: layout[k] for k in ("blocks", "mlp", "rows", "cols", "conv1d")}
         config.auto_map = {"AutoModelForCausalLM": "modeling_minigpt.MiniGPTForCausalLM"}
@@ -60,7 +62,11 @@ def save_pruned(model, tokenizer, out: str | os.PathLike, plan: PruningPlan | No
             if model.generation_config is not None:
                 model.generation_config.save_pretrained(tmp)
             tokenizer.save_pretrained(tmp)
-        if nonuniform:
+        if decilm:
+            formats.write_decilm_config(model, tmp)
+            (tmp / REMOTE_CODE.name).write_bytes(REMOTE_CODE.read_bytes())
+        elif nonuniform:
+            formats.name_minigpt_architecture(tmp)
             base = next(c.__name__ for c in type(model).__mro__ if c.__name__ != "MiniGPTForCausalLM")  # reloaded
             (tmp / REMOTE_CODE.name).write_text(remote_code_text(base))
         if plan is not None:

@@ -176,6 +176,8 @@ def add_parser(subparsers):
     p.add_argument("--choices", type=int, default=4, help="choices per built question")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--build-only", action="store_true", help="write the set, do not score")
+    p.add_argument("--lm-eval-task-dir", help="also write an lm-eval task file for the questions into this directory "
+                   "(run it with minigpt eval --lm-eval-include DIR --lm-eval-tasks minigpt_NAME)")
     p.add_argument("--normalise", default="tokens", choices=NORMALISATIONS, help="length normalisation")
     p.add_argument("--json", action="store_true")
     p.add_argument("--no-progress", action="store_true")
@@ -191,6 +193,10 @@ def run(args) -> None:
         if Path(args.questions).exists():
             raise MiniGPTError(f"{args.questions} already exists; choose a new path for the built set")
         save_questions(build_cloze(args.build_from, args.count, choices=args.choices, seed=args.seed), args.questions)
+    if args.lm_eval_task_dir:
+        from minigpt.harness import write_cloze_task
+
+        print(f"wrote lm-eval task {write_cloze_task(args.questions, args.lm_eval_task_dir)}")
         if args.build_only:
             print(f"wrote {args.count} questions to {args.questions}")
             return

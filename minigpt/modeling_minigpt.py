@@ -38,3 +38,75 @@ class MiniGPTForCausalLM(getattr(transformers, BASE_CLASS)):
         resize_mlps(self, config.minigpt_layout, config.minigpt_mlp_widths)
         self.post_init()
 
+
+
+class BlockPart(dict):
+    """One sublayer's entry of ``block_configs`` (``{"no_op": False, "intermediate_size": 1248}``), readable as
+    attributes like NVIDIA's DeciLM config objects (vLLM reads ``block_config.ffn.intermediate_size``) and saved as
+    plain JSON. A missing key raises ``AttributeError`` so ``hasattr`` answers as vLLM expects."""
+
+    def __getattr__(self, name):
+        try:
+            return self[name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+
+def block_parts(block: dict) -> BlockPart:
+    return BlockPart({k: BlockPart(v) if isinstance(v, dict) else v for k, v in block.items()})
+
+
+class DeciLMConfig(transformers.LlamaConfig):
+    """A Llama config with per-layer shapes in ``block_configs`` (NVIDIA's Nemotron-NAS format, ``DeciLMForCausalLM``
+    in vLLM): ``block_configs[l] = {"attention": {"no_op", "n_heads_in_group"}, "ffn": {"no_op", "intermediate_size"}}``.
+    """
+
+    model_type = "nemotron-nas"
+
+    def __init__(self, block_configs=None, **kwargs):
+        super().__init__(**kwargs)
+        self.block_configs = [block_parts(b) for b in block_configs or []]
+
+
+class _NoOp(nn.Module):
+    """A removed sublayer: adds nothing to the residual stream (``no_op`` in ``block_configs``)."""
+
+    def __init__(self, returns_tuple: bool):
+        super().__init__()
+        self.returns_tuple = returns_tuple
+
+    def forward(self, hidden_states, *args, **kwargs):
+        zero = hidden_states.new_zeros(())
+        return (zero, None) if self.returns_tuple else zero
+
+
+def _resize_kv_heads(attn: nn.Module, kv_heads: int, num_heads: int) -> None:
+    """Give one attention layer ``kv_heads`` key/value heads (uninitialised k/v projections)."""
+    for name in ("k_proj", "v_proj"):
+        old = getattr(attn, name)
+        new = nn.Linear(old.in_features, kv_heads * attn.head_dim, bias=old.bias is not None)
+        setattr(attn, name, new.to(device=old.weight.device, dtype=old.weight.dtype))
+    attn.num_key_value_groups = num_heads // kv_heads
+
+
+class DeciLMForCausalLM(transformers.LlamaForCausalLM):
+    """Llama with the per-layer MLP widths, key/value head counts and removed sublayers of ``block_configs``."""
+
+    config_class = DeciLMConfig
+
+    def __init__(self, config):
+        super().__init__(config)
+        layout = {"blocks": "model.layers", "mlp": "mlp", "rows": ["gate_proj", "up_proj"], "cols": ["down_proj"],
+                  "conv1d": False}
+        blocks = self.model.layers
+        resize_mlps(self, layout, [b.ffn.get("intermediate_size", config.intermediate_size)
+                                   for b in config.block_configs])
+        for block, spec in zip(blocks, config.block_configs):
+            if spec.attention.no_op:
+                block.self_attn, block.input_layernorm = _NoOp(returns_tuple=True), nn.Identity()
+            elif spec.attention.n_heads_in_group != config.num_attention_heads // config.num_key_value_heads:
+                heads = config.num_attention_heads
+                _resize_kv_heads(block.self_attn, heads // spec.attention.n_heads_in_group, heads)
+            if spec.ffn.no_op:
+                block.mlp, block.post_attention_layernorm = _NoOp(returns_tuple=False), nn.Identity()
+        self.post_init()

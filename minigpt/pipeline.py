@@ -21,7 +21,7 @@ def prune(
     threshold: float | None = None,
     ratio: float | None = None,
     scope: str = "uniform",
-    multiple: int = 1,
+    multiple: int | str = 1,
     min_keep: float = 0.0,
     reverse: bool = False,
     reference: CalibrationStats | None = None,

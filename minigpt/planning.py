@@ -75,6 +75,16 @@ class PruningPlan:
         return plan
 
 
+QUANT_MULTIPLE = 32
+"""The ``auto`` rounding: Q8_0/Q4_0 (GGUF) and most int8/int4 kernels quantise rows in blocks of 32."""
+
+
+def auto_multiple(widths: list[int]) -> int:
+    """``multiple="auto"``: 32 when every original width is a multiple of 32 (the model is quantisable and pruning
+    keeps it so), otherwise 1 (the model's own widths are not block-aligned; rounding could not make them so)."""
+    return QUANT_MULTIPLE if all(w % QUANT_MULTIPLE == 0 for w in widths) else 1
+
+
 def _round_up(n: int, multiple: int, cap: int) -> int:
     return min(cap, multiple * math.ceil(n / multiple)) if multiple > 1 else n
 
@@ -91,7 +101,7 @@ def plan_from_scores(
     threshold: float | None = None,
     ratio: float | None = None,
     scope: str = "uniform",
-    multiple: int = 1,
+    multiple: int | str = 1,
     min_keep: float = 0.0,
     reverse: bool = False,
     fingerprint: dict | None = None,
@@ -100,7 +110,8 @@ def plan_from_scores(
     """Keep neurons by normalised score: ``threshold`` (drop s < ε) or ``ratio`` (drop that fraction).
 
     scope: ``uniform`` (ratio applied to every layer) or ``global`` (one ranking across layers).
-    multiple: kept widths rounded *up* to a multiple (e.g. 64/128 for tensor cores), never above the width.
+    multiple: kept widths rounded *up* to a multiple (e.g. 64/128 for tensor cores), never above the width;
+    ``"auto"``: 32 (GGUF Q8_0's block) when every width is a multiple of 32, else 1 (``auto_multiple``).
     min_keep: floor as a fraction of each layer's width; at least one neuron (one ``multiple``) always stays.
     reverse: with ``ratio``, remove the highest-scoring neurons first.
     """
@@ -114,7 +125,9 @@ def plan_from_scores(
         raise MiniGPTError(f"ratio must be in [0, 1), got {ratio}")
     if scope not in ("uniform", "global"):
         raise MiniGPTError(f"scope must be 'uniform' or 'global', got {scope!r}")
-    if multiple < 1 or not (0.0 <= min_keep <= 1.0):
+    if multiple == "auto":
+        multiple = auto_multiple([s.numel() for s in layer_scores])
+    if not isinstance(multiple, int) or multiple < 1 or not (0.0 <= min_keep <= 1.0):
         raise MiniGPTError(f"multiple must be ≥ 1 and min_keep in [0, 1] (got {multiple}, {min_keep})")
     norm = [-s if reverse else s for s in normalise(layer_scores)]
     widths = [s.numel() for s in norm]
@@ -140,7 +153,7 @@ def plan(
     threshold: float | None = None,
     ratio: float | None = None,
     scope: str = "uniform",
-    multiple: int = 1,
+    multiple: int | str = 1,
     min_keep: float = 0.0,
     reverse: bool = False,
     model=None,
@@ -154,6 +167,8 @@ def plan(
     # ratio 0 keeps every neuron whatever the scores: it needs neither statistics nor a reference
     layer_scores = importance.scores("random" if ratio == 0 else metric, stats=stats, model=model,
                                      reference=reference, seed=seed)
+    if multiple == "auto":
+        multiple = auto_multiple([s.numel() for s in layer_scores])
     policy = {"metric": metric, "threshold": threshold, "ratio": ratio, "scope": scope, "multiple": multiple,
               "min_keep": min_keep, "reverse": reverse, "tokens": stats.tokens if stats is not None else 0}
     if metric == "random":
