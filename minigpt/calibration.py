@@ -73,7 +73,16 @@ class _StatsActivation(torch.nn.Module):
 
 
 def _gated_forward(mlp, layout, stats_act: _StatsActivation):
-    gate, up, down = (getattr(mlp, n) for n in (*layout.rows, *layout.cols))
+    down = getattr(mlp, layout.cols[0])
+    if layout.packed:  # one gate_up projection: gate rows, then up rows
+        gate_up = getattr(mlp, layout.rows[0])
+
+        def forward(self, x):
+            gate, up = gate_up(x).chunk(2, dim=-1)
+            return down(stats_act(gate.contiguous(), up.contiguous()))
+
+        return forward
+    gate, up = (getattr(mlp, n) for n in layout.rows)
 
     def forward(self, x):
         return down(stats_act(gate(x), up(x)))
