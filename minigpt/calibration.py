@@ -10,7 +10,7 @@ import types
 
 import torch
 
-from minigpt import adapters, distributed, ops
+from minigpt import adapters, distributed, ops, taps
 from minigpt.data import Batches, resolve_files
 from minigpt.errors import MiniGPTError
 from minigpt.stats import CalibrationStats, check_fingerprint, content_hash, fingerprint
@@ -137,7 +137,8 @@ def run_batches(model, batches, stats: CalibrationStats, backend: str = "auto", 
     stats.token_counts = stats.token_counts.to(device)
     base = model.base_model
     total = batches.max_sequences * batches.seq_len if getattr(batches, "max_sequences", None) else None
-    with patched(model, accums, backend), _progress(total, progress) as bar:
+    with patched(model, accums, backend), taps.collect(model, stats, backend) as fold, \
+            _progress(total, progress) as bar:
         for input_ids in batches:
             input_ids = input_ids.to(device)
             mask = torch.ones_like(input_ids)
@@ -146,6 +147,7 @@ def run_batches(model, batches, stats: CalibrationStats, backend: str = "auto", 
             for layer, accum in enumerate(accums):
                 accum.check_finite(layer)
                 accum.fold_into(stats, layer)
+            fold()
             stats.tokens += input_ids.numel()
             bar.update(input_ids.numel())
             if on_batch is not None:
