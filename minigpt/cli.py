@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 from minigpt.data import resolve_files
@@ -70,7 +71,18 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--reference-data", nargs="+", help="reference corpus to calibrate on (--metric selectivity)")
     policy = pr.add_mutually_exclusive_group()
     policy.add_argument("--threshold", type=float, help="drop neurons whose normalised score is below this")
-    policy.add_argument("--ratio", type=float, help="fraction of MLP neurons to remove (default 0.2)")
+    policy.add_argument("--ratio", "--mlp", type=float, dest="ratio",
+                        help="fraction of MLP neurons to remove (default 0.2 when no other structure is pruned)")
+    pr.add_argument("--heads", type=float, default=0.0, help="fraction of query heads to remove inside every KV "
+                    "group (README: Structures)")
+    pr.add_argument("--heads-mode", choices=("query", "kv"), default="query",
+                    help="kv: remove that fraction of whole KV groups with their query heads")
+    pr.add_argument("--hidden", type=float, default=0.0, help="fraction of hidden channels to remove")
+    pr.add_argument("--layers", type=int, default=0, help="number of decoder layers to remove")
+    pr.add_argument("--layer-metric", choices=("influence", "random"), default="influence",
+                    help="which layers --layers removes: lowest Block Influence, or seeded random ones")
+    pr.add_argument("--target-params", type=float, help="fraction of parameters to keep: the MLP and head amounts "
+                    "are chosen by the documented allocation rule (README: Structures)")
     pr.add_argument("--scope", default="uniform", choices=("uniform", "global"), help="how --ratio is spread")
     pr.add_argument("--multiple", type=int, default=1, help="round kept widths up to a multiple (64/128)")
     pr.add_argument("--min-keep", type=float, default=0.0, help="keep at least this fraction of every layer")
@@ -212,6 +224,7 @@ def cmd_prune(args) -> None:
     from minigpt.io import default_model_path
     from minigpt.pipeline import prune, prune_vocabulary
     from minigpt.planning import PruningPlan
+    from minigpt.policy import Policy
     from minigpt.stats import CalibrationStats
     from minigpt.vocab import corpus_token_counts
 
@@ -224,7 +237,16 @@ def cmd_prune(args) -> None:
         resolve_files(args.data)  # fail on bad paths before loading the model
     if not args.no_eval:
         resolve_files(args.eval_data, default="stdlib-heldout")
-    ratio = 0.2 if args.threshold is None and args.ratio is None else args.ratio
+    structural = args.heads or args.hidden or args.layers or args.target_params is not None
+    ratio = 0.2 if args.threshold is None and args.ratio is None and not structural else args.ratio
+    policy = Policy(mlp=ratio, threshold=args.threshold, scope=args.scope, multiple=args.multiple,
+                    min_keep=args.min_keep, reverse=args.reverse, heads=args.heads, kv_groups=args.heads_mode == "kv",
+                    hidden=args.hidden, layers=args.layers, layer_metric=args.layer_metric,
+                    target_params=args.target_params, seed=args.seed)
+    if structural and args.threshold is None and ratio is None and args.target_params is None:
+        policy = replace(policy, mlp=0.0)
+    if structural and (args.out_of_core or args.reverse):
+        raise MiniGPTError("--heads/--hidden/--layers/--target-params work in memory and without --reverse")
     if args.out_of_core:
         return _prune_out_of_core(args, Path(source), out, stats, given_plan, ratio)
     if args.vocab and stats is None and given_plan is not None and not args.vocab_tokens:
@@ -236,8 +258,7 @@ def cmd_prune(args) -> None:
         stats = calibrate(model, tokenizer, args.data, backend=args.backend, **_calibration_kwargs(args))
     model, plan = prune(
         model, tokenizer, stats=stats, pruning_plan=given_plan, data=args.data, metric=args.metric,
-        threshold=args.threshold, ratio=ratio, scope=args.scope, multiple=args.multiple, min_keep=args.min_keep,
-        reverse=args.reverse, seed=args.seed, reference_data=args.reference_data,
+        policy=policy, seed=args.seed, reference_data=args.reference_data,
         reference=CalibrationStats.load(args.reference_stats) if args.reference_stats else None,
         backend=args.backend, calibration=_calibration_kwargs(args),
     )
@@ -260,12 +281,25 @@ def cmd_prune(args) -> None:
     if args.json:
         print(json.dumps(report, indent=1))
     else:
-        print(f"\nremoved {100 * plan.removed_fraction:.1f}% of MLP neurons; saved to {out}")
+        print(f"\nremoved {100 * plan.removed_fraction:.1f}% of MLP neurons"
+              f"{_structures_line(plan)}; saved to {out}")
         if vocab_report:
             print(f"vocabulary: kept {vocab_report['vocab_kept']:,} of {vocab_report['vocab_old']:,} tokens "
                   f"({vocab_report['embedding_params_saved']:,} embedding parameters saved)")
         print()
         print(_table(before, after))
+
+
+def _structures_line(plan) -> str:
+    """``, 6 of 9 heads, 432 hidden channels, 28 layers`` for what a plan removes besides MLP neurons."""
+    parts = []
+    if plan.heads is not None:
+        parts.append(f"{len(plan.heads[0])} heads per layer")
+    if plan.hidden is not None:
+        parts.append(f"{len(plan.hidden)} hidden channels kept")
+    if plan.layers is not None:
+        parts.append(f"{len(plan.layers)} layers kept")
+    return "".join(", " + p for p in parts)
 
 
 def cmd_eval(args) -> None:

@@ -26,7 +26,7 @@ def tiny_config(model_type: str, tied: bool = False):
     that exactness is checked to fp32 rounding (see ``minigpt.surgery`` on ε)."""
     from transformers import AutoConfig
 
-    common = {"vocab_size": 128, "tie_word_embeddings": tied, "bos_token_id": 1, "eos_token_id": 2,
+    common = {"vocab_size": 512, "tie_word_embeddings": tied, "bos_token_id": 1, "eos_token_id": 2,
               "pad_token_id": 0}
     per_type = {
         "gpt2": {"n_embd": HIDDEN, "n_layer": LAYERS, "n_head": 4, "n_inner": WIDTH, "n_positions": 64,
@@ -168,3 +168,51 @@ def test_bad_structures_refused():
     gather = lambda s, i, d: ops.gather(s, i, d, backend="torch")
     with pytest.raises(minigpt.MiniGPTError, match="sorted distinct"):
         surgery.shrink(model, surgery.Kept(hidden=[3, 1, 2] + list(range(4, 20))), gather)
+
+
+def test_cli_prunes_every_structure_and_records_kept_indices(corpus_dir, tiny_tokenizer, tmp_path):
+    import json
+
+    from transformers import AutoModelForCausalLM
+
+    from minigpt.cli import main
+
+    tiny("llama").save_pretrained(tmp_path / "src")
+    tiny_tokenizer.save_pretrained(tmp_path / "src")
+    out = tmp_path / "out"
+    assert main(["prune", "--model", str(tmp_path / "src"), "--data", str(corpus_dir), "--seq-len", "32",
+                 "--max-tokens", "256", "--no-progress", "--no-eval", "--mlp", "0.25", "--heads", "0.5",
+                 "--hidden", "0.25", "--layers", "1", "--out", str(out)]) == 0
+    plan = json.loads((out / "minigpt_plan.json").read_text())
+    assert [len(h) for h in plan["heads"]] == [2, 2, 2] and len(plan["hidden"]) == 24 and len(plan["layers"]) == 2
+    assert all({h // 2 for h in heads} == {0, 1} for heads in plan["heads"])  # one head left in each KV group
+    assert plan["policy"]["heads"] == 0.5 and plan["policy"]["layer_metric"] == "influence"
+    reloaded = AutoModelForCausalLM.from_pretrained(out)  # stock
+    assert reloaded.config.num_hidden_layers == 2 and reloaded.config.hidden_size == 24
+    assert reloaded.config.num_attention_heads == 2 and reloaded.config.intermediate_size == 36
+
+
+def test_target_params_allocation_reaches_the_budget(corpus_dir, tiny_tokenizer):
+    model = tiny("qwen2")
+    total = sum(p.numel() for p in model.parameters())
+    stats = minigpt.calibrate(model, tiny_tokenizer, [str(corpus_dir)], max_tokens=256, seq_len=32, progress=False)
+    policy = minigpt.Policy(target_params=0.8)
+    model, plan = minigpt.prune(model, tiny_tokenizer, stats=stats, policy=policy)
+    after = sum(p.numel() for p in model.parameters())
+    assert after <= 0.8 * total
+    r = plan.policy["ratio"]
+    looser = minigpt.policy.count_after(tiny("qwen2"), surgery.Kept(
+        mlp=[list(range(WIDTH - round((r - 0.005) * WIDTH)))] * LAYERS,
+        heads=[[0, 2]] * LAYERS if round((r - 0.005) * 2) else None))
+    assert looser > 0.8 * total  # the next smaller amount on the grid misses the budget
+    assert plan.heads is not None and plan.policy["heads"] == r
+
+
+def test_policy_refuses_structures_the_description_lacks():
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.for_model("opt", hidden_size=32, ffn_dim=48, num_hidden_layers=2, num_attention_heads=4,
+                                  word_embed_proj_dim=16, vocab_size=128, max_position_embeddings=64)
+    model = AutoModelForCausalLM.from_config(config)
+    with pytest.raises(minigpt.MiniGPTError, match="no describable hidden channels"):
+        minigpt.Policy(hidden=0.25).check_model(model)
