@@ -157,25 +157,30 @@ def count_after(model, kept: surgery.Kept) -> int:
     return sum(p.numel() for p in shadow.parameters())
 
 
+def params_after(stats, model, policy: Policy, mlp_scores: list[torch.Tensor]) -> int:
+    """Parameters ``model`` keeps under ``policy`` (its ``mlp`` a ratio applied to every layer by ``mlp_scores``)."""
+    kept = structure_plan(stats, model, policy)
+    r = policy.mlp or 0.0
+    kept.mlp = [sorted(set(range(len(s))) - _lowest(s, min(round(r * len(s)), len(s) - 1))) for s in mlp_scores]
+    return count_after(model, kept)
+
+
 def allocate(stats, model, policy: Policy, mlp_scores: list[torch.Tensor]) -> Policy:
     """The policy with ``mlp`` and ``heads`` chosen by the ``target_params`` rule (module doc)."""
-    total = sum(p.numel() for p in model.parameters())
-    arch = describe(model)
+    budget = policy.target_params * sum(p.numel() for p in model.parameters())
+    has_heads = describe(model).layers[0].heads is not None
 
-    def params(r: float) -> int:
-        trial = replace(policy, target_params=None, mlp=r, heads=r if arch.layers[0].heads else 0.0)
-        kept = structure_plan(stats, model, trial)
-        kept.mlp = [sorted(set(range(len(s))) - _lowest(s, min(round(r * len(s)), len(s) - 1))) for s in mlp_scores]
-        return count_after(model, kept)
+    def trial(step: int) -> Policy:
+        return replace(policy, target_params=None, mlp=step / 200, heads=step / 200 if has_heads else 0.0)
 
     lo, hi = 0, 199  # grid steps of 1/200
-    if params(hi / 200) > policy.target_params * total:
+    if params_after(stats, model, trial(hi), mlp_scores) > budget:
         raise MiniGPTError(f"--target-params {policy.target_params} cannot be reached by removing MLP neurons "
                            f"and heads (add --hidden or --layers)")
     while lo < hi:
         mid = (lo + hi) // 2
-        if params(mid / 200) <= policy.target_params * total:
+        if params_after(stats, model, trial(mid), mlp_scores) <= budget:
             hi = mid
         else:
             lo = mid + 1
-    return replace(policy, target_params=None, mlp=lo / 200, heads=lo / 200 if arch.layers[0].heads else 0.0)
+    return trial(lo)
