@@ -44,7 +44,10 @@ def main() -> None:
     parser.add_argument("--eval-tokens", type=int, default=8192)
     parser.add_argument("--eval-doc-tokens", type=int, default=256)
     parser.add_argument("--keep", type=float, default=0.75, help="fraction of parameters kept")
+    parser.add_argument("--plot-only", action="store_true", help="redraw the plot from the saved JSON")
     args = parser.parse_args()
+    if args.plot_only:
+        return plot(json.loads((RESULTS / "structures_smollm2_cpu.json").read_text()))
     torch.manual_seed(0)
     model, tokenizer = minigpt.load_model()
     total = sum(p.numel() for p in model.parameters())
@@ -98,12 +101,17 @@ def main() -> None:
         lines.append(f"| {row['plan']} | {100 * (mlp or 0):.1f} % | {row['kept_pct']} % | {row['stdlib-heldout']} "
                      f"| {row['pydocs-heldout']} |")
     (RESULTS / "structures_smollm2_cpu.md").write_text("\n".join(lines) + "\n")
+    plot(out)
+
+
+def plot(out: dict) -> None:
     from bench.plotting import bar_chart
 
-    bar_chart(RESULTS / "structures_smollm2_cpu.png", f"SmolLM2 at ≤ {100 * args.keep:.0f} % parameters",
-              "held-out perplexity (lower is better)",
-              {c: [(r["plan"], r[c], r[c], r[c]) for r in rows] for c in ("stdlib-heldout", "pydocs-heldout")})
-
+    rows = out["rows"]
+    bar_chart(RESULTS / "structures_smollm2_cpu.png", f"SmolLM2 at ≤ {100 * out['keep']:.0f} % parameters",
+              "held-out perplexity (log scale, lower is better)",
+              {c: [(r["plan"], r[c], r[c], r[c]) for r in rows] for c in ("stdlib-heldout", "pydocs-heldout")},
+              log=True)
 
 if __name__ == "__main__":
     main()
