@@ -53,7 +53,7 @@ class Policy:
             if not 0.0 <= value < 1.0:
                 raise MiniGPTError(f"--{name} must be a fraction in [0, 1), got {value}")
         if self.mlp is not None and not 0.0 <= self.mlp < 1.0:
-            raise MiniGPTError(f"--mlp (--ratio) must be a fraction in [0, 1), got {self.mlp}")
+            raise MiniGPTError(f"--mlp (--ratio): ratio must be in [0, 1), got {self.mlp}")
         if self.layers < 0:
             raise MiniGPTError(f"--layers must be a number of layers ≥ 0, got {self.layers}")
         if self.target_params is not None and not 0.0 < self.target_params < 1.0:
