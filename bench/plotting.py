@@ -5,8 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 
 
-def bar_chart(path: Path, title: str, xlabel: str, panels: dict[str, list[tuple[str, float, float, float]]]) -> None:
-    """Write a PNG with one panel per key of ``panels``; each bar is ``(label, median, low, high)``."""
+def bar_chart(path: Path, title: str, xlabel: str, panels: dict[str, list[tuple[str, float, float, float]]],
+              log: bool = False) -> None:
+    """Write a PNG with one panel per key of ``panels``; each bar is ``(label, median, low, high)``; ``log``: a
+    logarithmic value axis."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -21,6 +23,8 @@ def bar_chart(path: Path, title: str, xlabel: str, panels: dict[str, list[tuple[
         ax.set_yticks(range(len(bars)), labels)
         ax.invert_yaxis()
         ax.set_title(name, fontsize=10)
+        if log:
+            ax.set_xscale("log")
         for i, (m, h) in enumerate(zip(med, high)):
             ax.annotate(f"{m:.3g}", (h, i), xytext=(4, 0), textcoords="offset points", va="center", fontsize=8)
     axes[-1, 0].set_xlabel(xlabel)

@@ -17,12 +17,14 @@ from minigpt.evaluation import evaluate
 from minigpt.io import load_model
 from minigpt.pipeline import prune
 from minigpt.planning import PruningPlan, plan
+from minigpt.policy import Policy
 from minigpt.stats import CalibrationStats
 
 __version__ = "0.1.0"
 __all__ = [
     "CalibrationStats",
     "MiniGPTError",
+    "Policy",
     "PruningPlan",
     "calibrate",
     "compact",

@@ -1,16 +1,18 @@
-"""Where each architecture keeps its MLP neurons, and how to shrink them: one registry entry per ``model_type``.
+"""Where each architecture keeps its MLP neurons: the calibration taps' and the MLP metrics' view of a model.
 
 Neurons of layer ``l`` are the output features of the *row* projections (gate/up, ``fc1``, ``c_fc``) and the
-input features of the *column* projections (down, ``fc2``, ``c_proj``). Adding an architecture = one entry.
+input features of the *column* projections (down, ``fc2``, ``c_proj``). Architectures without an entry get their
+layout from their tensor-parallel plan; every structure's slices (heads, hidden, layers too) are described in
+``minigpt.architecture`` and cut by ``minigpt.surgery``.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
 from torch import nn
 
+from minigpt import architecture
 from minigpt.errors import MiniGPTError
 
 # HF activation names → the fused kernels' names (anything else falls back to the model's own function).
@@ -41,10 +43,11 @@ class MLPLayout:
     width_key: str
     act_keys: tuple[str, ...] = ("hidden_act",)
     conv1d: bool = False  # GPT-2 Conv1D stores weight as (in, out)
+    packed: bool = False  # one fused gate_up projection: gate rows then up rows (phi3, glm)
 
     @property
     def gated(self) -> bool:
-        return len(self.rows) == 2
+        return len(self.rows) == 2 or self.packed
 
 
 GATED = MLPLayout("model.layers", "mlp", ("gate_proj", "up_proj"), ("down_proj",), "act_fn", "intermediate_size")
@@ -66,13 +69,42 @@ ADAPTERS: dict[str, MLPLayout] = {
 }
 
 
+ACT_ATTRS = ("act_fn", "activation_fn", "act")
+
+
+def derived_layout(model_or_config) -> MLPLayout:
+    """The MLP layout of an architecture without an entry, from its tensor-parallel plan (``minigpt.architecture``)."""
+    config = getattr(model_or_config, "config", model_or_config)
+    plan = architecture.projection_plan(config)
+    attention = {p.rpartition(".")[0] for p in plan if p.rpartition(".")[2] in architecture.QKV}
+    mlp_plan = {p: s for p, s in plan.items() if p.rpartition(".")[0] not in attention}
+    rows = tuple(p.rpartition(".")[2] for p, s in mlp_plan.items() if s == "colwise")
+    cols = tuple(p.rpartition(".")[2] for p, s in mlp_plan.items() if s == "rowwise")
+    parents = {p.rpartition(".")[0] for p in mlp_plan}
+    if len(parents) != 1 or not rows or len(cols) != 1 or len(rows) > 2:
+        raise MiniGPTError(f"cannot read the MLP of model_type {config.model_type!r} from its plan {plan}")
+    blocks = "model.layers"
+    act = "act_fn"
+    if isinstance(model_or_config, nn.Module):
+        blocks = architecture.find_blocks(model_or_config)[0]
+        mlp = _sub(_sub(model_or_config, blocks)[0], next(iter(parents)))
+        act = next((a for a in ACT_ATTRS if hasattr(mlp, a)), act)
+    packed = rows == tuple(architecture.PACKED)
+    return MLPLayout(blocks, next(iter(parents)), rows, cols, act, "intermediate_size",
+                     ("hidden_act", "hidden_activation", "activation_function"), packed=packed)
+
+
 def get_layout(model_or_config) -> MLPLayout:
-    """The layout of a model (or config); one-line error listing what is supported otherwise."""
+    """The layout of a model (or config): its entry, or read from its tensor-parallel plan; one line otherwise."""
     config = getattr(model_or_config, "config", model_or_config)
     model_type = getattr(config, "model_type", None)
-    if model_type not in ADAPTERS:
-        raise MiniGPTError(f"unsupported model_type {model_type!r}; supported: {', '.join(sorted(ADAPTERS))}")
-    return ADAPTERS[model_type]
+    if model_type in ADAPTERS:
+        return ADAPTERS[model_type]
+    try:
+        return derived_layout(model_or_config)
+    except MiniGPTError as err:
+        raise MiniGPTError(f"unsupported model_type {model_type!r}; supported: {', '.join(sorted(ADAPTERS))} and "
+                           f"configs with a tensor-parallel plan ({err})") from err
 
 
 def _sub(module: nn.Module, path: str) -> nn.Module:
@@ -103,7 +135,8 @@ def _features(proj: nn.Module, layout: MLPLayout, neuron_side: str) -> int:
     """Neuron count seen by ``proj``: its out-features for a row projection, in-features for a column one."""
     w = proj.weight
     out_dim = 1 if layout.conv1d else 0
-    return w.shape[out_dim if neuron_side == "rows" else 1 - out_dim]
+    n = w.shape[out_dim if neuron_side == "rows" else 1 - out_dim]
+    return n // 2 if layout.packed and neuron_side == "rows" else n
 
 
 def widths(model) -> list[int]:
@@ -116,60 +149,3 @@ def neuron_dim(layout: MLPLayout, side: str) -> int:
     """The weight dimension indexed by neurons for a row or column projection."""
     out_dim = 1 if layout.conv1d else 0
     return out_dim if side == "rows" else 1 - out_dim
-
-
-def shrink_mlps(model, kept: list[torch.Tensor], gather) -> None:
-    """Keep only neurons ``kept[l]`` (sorted int64 indices) of each layer's MLP, in place.
-
-    ``gather(srcs, indices, dims) -> list`` copies every weight and bias of the model in one call.
-    """
-    layout = get_layout(model)
-    owners = mlps(model)
-    if len(kept) != len(owners):
-        raise MiniGPTError(f"plan has {len(kept)} layers, model has {len(owners)}")
-    params, srcs, idx, dims = [], [], [], []
-    for owner, keep in zip(owners, kept):
-        for side, names in (("rows", layout.rows), ("cols", layout.cols)):
-            for name in names:
-                proj = getattr(owner, name)
-                params.append((proj, "weight"))
-                srcs.append(proj.weight.detach())
-                idx.append(keep)
-                dims.append(neuron_dim(layout, side))
-                if side == "rows" and proj.bias is not None:  # a column projection's bias is per output: unchanged
-                    params.append((proj, "bias"))
-                    srcs.append(proj.bias.detach().unsqueeze(1))
-                    idx.append(keep)
-                    dims.append(0)
-    new = gather(srcs, idx, dims)  # minigpt.ops.gather checks each layer's indices once and moves them once
-    for (proj, attr), tensor in zip(params, new):
-        if attr == "bias":
-            tensor = tensor.squeeze(1)
-        setattr(proj, attr, nn.Parameter(tensor, requires_grad=getattr(proj, attr).requires_grad))
-    for owner, keep in zip(owners, kept):
-        for side, names in (("rows", layout.rows), ("cols", layout.cols)):
-            for name in names:
-                _set_features(getattr(owner, name), layout, side, len(keep))
-    set_widths(model.config, layout, [len(k) for k in kept])
-
-
-def _set_features(proj: nn.Module, layout: MLPLayout, side: str, n: int) -> None:
-    if layout.conv1d:
-        if side == "rows":
-            proj.nf = n
-        return
-    if side == "rows":
-        proj.out_features = n
-    else:
-        proj.in_features = n
-
-
-def set_widths(config, layout: MLPLayout, new_widths: list[int]) -> None:
-    """Record MLP widths in the config: the stock key when uniform, plus ``minigpt_mlp_widths`` when not."""
-    uniform = len(set(new_widths)) == 1
-    setattr(config, layout.width_key, max(new_widths))
-    if uniform:
-        if hasattr(config, "minigpt_mlp_widths"):
-            delattr(config, "minigpt_mlp_widths")
-    else:
-        config.minigpt_mlp_widths = list(new_widths)

@@ -10,7 +10,7 @@ import types
 
 import torch
 
-from minigpt import adapters, distributed, ops, reference
+from minigpt import adapters, distributed, ops, reference, taps
 from minigpt.data import LARGE_FILE_BYTES, Batches, resolve_files, text_pieces
 from minigpt.errors import MiniGPTError
 from minigpt.stats import CalibrationStats, check_fingerprint, content_hash, fingerprint
@@ -71,7 +71,16 @@ class _StatsActivation(torch.nn.Module):
 
 
 def _gated_forward(mlp, layout, stats_act: _StatsActivation):
-    gate, up, down = (getattr(mlp, n) for n in (*layout.rows, *layout.cols))
+    down = getattr(mlp, layout.cols[0])
+    if layout.packed:  # one gate_up projection: gate rows, then up rows
+        gate_up = getattr(mlp, layout.rows[0])
+
+        def forward(self, x):
+            gate, up = gate_up(x).chunk(2, dim=-1)
+            return down(stats_act(gate.contiguous(), up.contiguous()))
+
+        return forward
+    gate, up = (getattr(mlp, n) for n in layout.rows)
 
     def forward(self, x):
         return down(stats_act(gate(x), up(x)))
@@ -154,10 +163,12 @@ def run_batches(model, batches, stats: CalibrationStats, backend: str = "auto", 
     stats.token_counts = stats.token_counts.to(device)
     base = model.base_model
     total = batches.max_sequences * batches.seq_len if getattr(batches, "max_sequences", None) else None
-    with patched(model, accums, backend), _progress(total, progress) as bar:
+    with patched(model, accums, backend), taps.collect(model, stats, backend) as fold, \
+            _progress(total, progress) as bar:
         for input_ids in batches:
             input_ids = input_ids.to(device)
             calibrate_batch(base, input_ids, accums, stats, backend)
+            fold()
             bar.update(input_ids.numel())
             if on_batch is not None:
                 on_batch(stats)

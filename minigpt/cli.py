@@ -8,6 +8,7 @@ import json
 import logging
 import os
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 from minigpt import options
@@ -84,7 +85,18 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--reference-data", nargs="+", help="reference corpus to calibrate on (--metric selectivity)")
     policy = pr.add_mutually_exclusive_group()
     policy.add_argument("--threshold", type=float, help="drop neurons whose normalised score is below this")
-    policy.add_argument("--ratio", type=float, help="fraction of MLP neurons to remove (default 0.2)")
+    policy.add_argument("--ratio", "--mlp", type=float, dest="ratio",
+                        help="fraction of MLP neurons to remove (default 0.2 when no other structure is pruned)")
+    pr.add_argument("--heads", type=float, default=0.0, help="fraction of query heads to remove inside every KV "
+                    "group (README: Structures)")
+    pr.add_argument("--heads-mode", choices=("query", "kv"), default="query",
+                    help="kv: remove that fraction of whole KV groups with their query heads")
+    pr.add_argument("--hidden", type=float, default=0.0, help="fraction of hidden channels to remove")
+    pr.add_argument("--layers", type=int, default=0, help="number of decoder layers to remove")
+    pr.add_argument("--layer-metric", choices=("influence", "random"), default="influence",
+                    help="which layers --layers removes: lowest Block Influence, or seeded random ones")
+    pr.add_argument("--target-params", type=float, help="fraction of parameters to keep: the MLP and head amounts "
+                    "are chosen by the documented allocation rule (README: Structures)")
     pr.add_argument("--scope", default="uniform", choices=("uniform", "global"), help="how --ratio is spread")
     pr.add_argument("--multiple", type=_multiple, default="auto",
                     help="round kept widths up to a multiple: 'auto' (default) = 32, the block of GGUF Q8_0/Q4_0, "
@@ -252,6 +264,7 @@ def cmd_prune(args) -> None:
     from minigpt.io import default_model_path
     from minigpt.pipeline import prune, prune_vocabulary
     from minigpt.planning import PruningPlan
+    from minigpt.policy import Policy
     from minigpt.stats import CalibrationStats
     from minigpt.vocab import corpus_token_counts
 
@@ -270,7 +283,16 @@ def cmd_prune(args) -> None:
         resolve_files(args.data)  # the corpus the vocabulary is counted over
     if not args.no_eval or args.vocab:
         resolve_files(args.eval_data, default="stdlib-heldout")
-    ratio = 0.2 if args.threshold is None and args.ratio is None else args.ratio
+    structural = args.heads or args.hidden or args.layers or args.target_params is not None
+    ratio = 0.2 if args.threshold is None and args.ratio is None and not structural else args.ratio
+    policy = Policy(mlp=ratio, threshold=args.threshold, scope=args.scope, multiple=args.multiple,
+                    min_keep=args.min_keep, reverse=args.reverse, heads=args.heads, kv_groups=args.heads_mode == "kv",
+                    hidden=args.hidden, layers=args.layers, layer_metric=args.layer_metric,
+                    target_params=args.target_params, seed=args.seed)
+    if structural and args.threshold is None and ratio is None and args.target_params is None:
+        policy = replace(policy, mlp=0.0)
+    if structural and (args.out_of_core or args.reverse):
+        raise MiniGPTError("--heads/--hidden/--layers/--target-params work in memory and without --reverse")
     if args.out_of_core:
         return _prune_out_of_core(args, Path(source), out, stats, given_plan, ratio)
     model, tokenizer = _load(args)
@@ -278,8 +300,7 @@ def cmd_prune(args) -> None:
     reference = parameter_counts(model)["total"]
     model, plan = prune(
         model, tokenizer, stats=stats, pruning_plan=given_plan, data=args.data, metric=args.metric,
-        threshold=args.threshold, ratio=ratio, scope=args.scope, multiple=args.multiple, min_keep=args.min_keep,
-        reverse=args.reverse, seed=args.seed, reference_data=args.reference_data,
+        policy=policy, seed=args.seed, reference_data=args.reference_data,
         reference=CalibrationStats.load(args.reference_stats) if args.reference_stats else None,
         backend=args.backend, calibration=_calibration_kwargs(args),
     )
@@ -304,7 +325,7 @@ def cmd_prune(args) -> None:
     if args.json:
         print(json.dumps(report, indent=1))
     else:
-        print(f"\nremoved {_removed(plan)}; saved to {out}")
+        print(f"\nremoved {_removed(plan)}{_structures_line(plan)}; saved to {out}")
         if vocab_report:
             print(f"vocabulary: kept {vocab_report['vocab_kept']:,} of {vocab_report['vocab_old']:,} tokens "
                   f"({vocab_report['embedding_params_saved']:,} embedding parameters saved)")
@@ -327,6 +348,18 @@ def _vocab_choice(model, tokenizer, counts, args) -> tuple:
     keep, report = choose_vocab(model, tokenizer, counts, texts, max_increase=args.vocab_max_increase / 100,
                                 always_keep=args.vocab_keep, pad_to=args.vocab_pad_to, min_size=args.vocab_min_size)
     return keep, {**report, "heldout": held, "counted_tokens": int(counts.sum())}
+
+
+def _structures_line(plan) -> str:
+    """``, 6 of 9 heads, 432 hidden channels, 28 layers`` for what a plan removes besides MLP neurons."""
+    parts = []
+    if plan.heads is not None:
+        parts.append(f"{len(plan.heads[0])} heads per layer")
+    if plan.hidden is not None:
+        parts.append(f"{len(plan.hidden)} hidden channels kept")
+    if plan.layers is not None:
+        parts.append(f"{len(plan.layers)} layers kept")
+    return "".join(", " + p for p in parts)
 
 
 def cmd_eval(args) -> None:

@@ -81,11 +81,20 @@ def all_reduce_stats(stats: CalibrationStats) -> CalibrationStats:
     split = lambda t, sizes: [part.clone() for part in t.cpu().split(sizes)]  # own storage, as save_file wants
     split_sums = split(sums, widths * 2)
     split_counts = split(counts, [*widths, stats.token_counts.numel(), 1])
+    names = sorted(stats.sums)  # heads, hidden channels, layers (minigpt.taps): one more sum
+    extra = split(all_sum_tensor(flat([stats.sums[k] for k in names])), [stats.sums[k].numel() for k in names]) \
+        if names else []
     return CalibrationStats(
         sum_abs=split_sums[:n], sum_sq=split_sums[n:], max_abs=split(maxima, widths),
         nonzero=split_counts[:n], token_counts=split_counts[n], tokens=int(split_counts[n + 1]),
-        fingerprint=dict(stats.fingerprint), meta=dict(stats.meta),
+        fingerprint=dict(stats.fingerprint), meta=dict(stats.meta), sums=dict(zip(names, extra)),
     )
+
+
+def all_sum_tensor(t: torch.Tensor) -> torch.Tensor:
+    """``t`` summed over ranks, in place."""
+    dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t
 
 
 def check_local_world_for_device_map(device_map) -> None:

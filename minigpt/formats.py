@@ -5,7 +5,8 @@
   ``DeciLMForCausalLM``). ``block_configs[l]`` holds layer ``l``'s MLP width (``ffn.intermediate_size``) and
   key/value head count (``attention.n_heads_in_group`` = query heads per KV head), or ``no_op`` for a removed
   sublayer. The weights keep Llama's names.
-* Other architectures → their own config plus ``minigpt_mlp_widths``, loaded by ``modeling_minigpt.MiniGPTForCausalLM``.
+* Other shapes → their own config plus ``minigpt_shapes``/``minigpt_attrs`` (every parameter shape and head-count
+  attribute the stock class would not build), loaded by ``modeling_minigpt.MiniGPTForCausalLM``.
   Their ``architectures`` names that class, not the stock one: a client that ignores ``auto_map`` (vLLM, llama.cpp's
   converter) then stops with "architecture MiniGPTForCausalLM not supported" instead of misreading the shapes.
 """
@@ -21,7 +22,7 @@ DECILM_FAMILY = ("llama", "nemotron-nas")
 DECILM_AUTO_MAP = {"AutoConfig": "modeling_minigpt.DeciLMConfig",
                    "AutoModelForCausalLM": "modeling_minigpt.DeciLMForCausalLM"}
 MINIGPT_ARCHITECTURE = "MiniGPTForCausalLM"
-_MINIGPT_KEYS = ("minigpt_mlp_widths", "minigpt_layout", "auto_map", "architectures", "model_type", "block_configs")
+_MINIGPT_KEYS = ("minigpt_shapes", "minigpt_attrs", "auto_map", "architectures", "model_type", "block_configs")
 
 
 def block_configs(mlp_widths: list[int | None], kv_heads: list[int | None], num_heads: int) -> list[dict]:
@@ -47,6 +48,12 @@ def kv_heads(model) -> list[int]:
 def uses_decilm(model) -> bool:
     """Whether per-layer shapes of this model are saved in the Nemotron-NAS format."""
     return model.config.model_type in DECILM_FAMILY
+
+
+def decilm_expresses(shapes: dict, attrs: dict) -> bool:
+    """Whether the differences from the stock model (``compact.stock_differences``) are per-layer MLP widths only,
+    which ``block_configs`` expresses."""
+    return not attrs and all(".mlp." in name for name in shapes)
 
 
 def decilm_config(model) -> dict:

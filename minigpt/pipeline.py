@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from minigpt import importance
 from minigpt.calibration import calibrate
 from minigpt.compact import compact
 from minigpt.errors import MiniGPTError
 from minigpt.importance import NEEDS_STATS
 from minigpt.planning import PruningPlan, plan
+from minigpt.policy import Policy, allocate, structure_plan
 from minigpt.stats import CalibrationStats, check_fingerprint, fingerprint
 
 
@@ -29,6 +31,7 @@ def prune(
     seed: int = 0,
     backend: str = "auto",
     calibration: dict | None = None,
+    policy: Policy | None = None,
 ) -> tuple[object, PruningPlan]:
     """Prune ``model``'s MLP neurons in place; returns ``(model, plan)``.
 
@@ -36,8 +39,19 @@ def prune(
     (``calibration`` holds ``calibrate`` keyword arguments); weight-only metrics and ``random`` need neither.
     ``selectivity`` also needs ``reference`` statistics or ``reference_data`` to calibrate them on.
     ``ratio=0.2`` removes 20 % of every layer's neurons (``ratio=0`` none, without calibrating); ``reverse`` removes
-    the highest-scoring ones.
+    the highest-scoring ones. ``policy`` (``minigpt.policy.Policy``) replaces the MLP keywords and adds heads,
+    hidden channels, layers and the ``target_params`` budget.
     """
+    if policy is not None:
+        policy.check_model(model)
+        kw = policy.mlp_keywords()
+        threshold, ratio, scope, multiple, min_keep, reverse = (kw[k] for k in (
+            "threshold", "ratio", "scope", "multiple", "min_keep", "reverse"))
+        if policy.structural or policy.target_params is not None:
+            stats = _stats(model, tokenizer, stats, data, backend, calibration)
+        if policy.target_params is not None:
+            policy = allocate(stats, model, policy, importance.scores(metric, stats=stats, model=model, seed=seed))
+            ratio = policy.mlp
     keeps_all = ratio == 0  # no score removes a neuron: nothing to calibrate (vocabulary-only runs)
     if pruning_plan is None:
         if metric == "selectivity" and reference is None and not keeps_all:
@@ -48,6 +62,11 @@ def prune(
             stats = _stats(model, tokenizer, stats, data, backend, calibration)
         pruning_plan = plan(stats, metric, threshold=threshold, ratio=ratio, scope=scope, multiple=multiple,
                             min_keep=min_keep, reverse=reverse, model=model, reference=reference, seed=seed)
+        if policy is not None and policy.structural:
+            kept = structure_plan(stats, model, policy)
+            pruning_plan.heads, pruning_plan.hidden, pruning_plan.layers = kept.heads, kept.hidden, kept.layers
+            pruning_plan.policy.update(heads=policy.heads, kv_groups=policy.kv_groups, hidden=policy.hidden,
+                                       layers=policy.layers, layer_metric=policy.layer_metric)
     return compact(model, pruning_plan, backend=backend), pruning_plan
 
 

@@ -39,6 +39,16 @@ class PruningPlan:
     fingerprint: dict = field(default_factory=dict)
     policy: dict = field(default_factory=dict)
     vocab: list[int] | None = None  # kept token ids (vocabulary pruning), sorted
+    heads: list[list[int]] | None = None  # per layer, kept query heads (a KV head left with none goes)
+    hidden: list[int] | None = None  # kept hidden channels
+    layers: list[int] | None = None  # kept decoder blocks
+
+    def structures(self):
+        """What ``minigpt.surgery`` removes (MLP neurons only where some layer loses one)."""
+        from minigpt.surgery import Kept
+
+        mlp = self.kept if self.kept_widths != self.widths else None
+        return Kept(mlp=mlp, heads=self.heads, hidden=self.hidden, layers=self.layers)
 
     @property
     def kept_widths(self) -> list[int]:
@@ -66,7 +76,8 @@ class PruningPlan:
         try:
             raw = json.loads(Path(path).read_text())
             plan = cls(kept=raw["kept"], widths=raw["widths"], fingerprint=raw.get("fingerprint", {}),
-                       policy=raw.get("policy", {}), vocab=raw.get("vocab"))
+                       policy=raw.get("policy", {}), vocab=raw.get("vocab"), heads=raw.get("heads"),
+                       hidden=raw.get("hidden"), layers=raw.get("layers"))
         except (OSError, ValueError, KeyError, TypeError) as err:
             raise MiniGPTError(f"cannot read plan {path}: {type(err).__name__}: {err}") from err
         for k, w in zip(plan.kept, plan.widths):

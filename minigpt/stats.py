@@ -12,7 +12,7 @@ import torch
 from minigpt import adapters
 from minigpt.errors import MiniGPTError
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: ``sums`` of heads, hidden channels and layers (``minigpt.taps``); 1 still loads
 _VOLATILE_CONFIG_KEYS = {"transformers_version", "_name_or_path", "torch_dtype", "dtype", "architectures", "auto_map"}
 
 
@@ -64,6 +64,7 @@ class CalibrationStats:
     tokens: int
     fingerprint: dict
     meta: dict = field(default_factory=dict)
+    sums: dict[str, torch.Tensor] = field(default_factory=dict)  # float64 sums of other structures (minigpt.taps)
 
     @classmethod
     def empty(cls, fp: dict, device: str | torch.device = "cpu") -> CalibrationStats:
@@ -88,6 +89,7 @@ class CalibrationStats:
         return CalibrationStats(
             move(self.sum_abs), move(self.sum_sq), move(self.max_abs), move(self.nonzero),
             self.token_counts.to(device), self.tokens, dict(self.fingerprint), dict(self.meta),
+            {k: v.to(device) for k, v in self.sums.items()},
         )
 
     def merge(self, other: CalibrationStats) -> CalibrationStats:
@@ -104,6 +106,7 @@ class CalibrationStats:
             self.tokens + o.tokens,
             dict(self.fingerprint),
             {**self.meta, "corpora": [c for c in corpora if c is not None]},
+            {k: v + o.sums[k] for k, v in self.sums.items() if k in o.sums},
         )
 
     def mean(self, name: str) -> list[torch.Tensor]:
@@ -117,6 +120,7 @@ class CalibrationStats:
         for i in range(self.num_layers):
             for name in ("sum_abs", "sum_sq", "max_abs", "nonzero"):
                 out[f"layers.{i}.{name}"] = getattr(self, name)[i].cpu().contiguous()
+        out.update({f"sums.{k}": v.cpu().contiguous() for k, v in self.sums.items()})
         return out
 
     def save(self, path: str | os.PathLike) -> None:
@@ -148,6 +152,9 @@ class CalibrationStats:
             for layer, t in enumerate(getattr(self, name)):
                 if not bool(torch.isfinite(t).all()) or bool((t < 0).any()):
                     return f"{name} of layer {layer} holds negative or non-finite values"
+        for name, t in self.sums.items():
+            if t.dtype != torch.float64 or not bool(torch.isfinite(t).all()) or bool((t < 0).any()):
+                return f"sums.{name} is not a float64 sum of non-negative finite values"
         for layer, t in enumerate(self.nonzero):
             if bool((t < 0).any()) or bool((t > self.tokens).any()):
                 return f"nonzero counts of layer {layer} are outside [0, {self.tokens}]"
@@ -170,7 +177,8 @@ class CalibrationStats:
                 for name in ("sum_abs", "sum_sq", "max_abs", "nonzero")
             }
             stats = cls(**per_layer, token_counts=tensors["token_counts"], tokens=header["tokens"],
-                        fingerprint=header["fingerprint"], meta=header["meta"])
+                        fingerprint=header["fingerprint"], meta=header["meta"],
+                        sums={k.removeprefix("sums."): t for k, t in tensors.items() if k.startswith("sums.")})
             problem = stats.inconsistency()
         except (KeyError, TypeError, json.JSONDecodeError, OSError, RuntimeError, ValueError) as err:
             raise MiniGPTError(f"stats file {path} is corrupted or not a minigpt stats file ({type(err).__name__})")
@@ -178,7 +186,7 @@ class CalibrationStats:
             if type(err).__name__ == "SafetensorError":
                 raise MiniGPTError(f"stats file {path} is corrupted or truncated: {str(err).splitlines()[0]}")
             raise
-        if header.get("format_version") != FORMAT_VERSION:
+        if header.get("format_version") not in (1, FORMAT_VERSION):
             raise MiniGPTError(f"stats file {path} has format version {header.get('format_version')}, "
                                f"expected {FORMAT_VERSION}")
         if problem is not None:

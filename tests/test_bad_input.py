@@ -272,3 +272,22 @@ def test_a_few_undecodable_bytes_only_warn(model_dir, tmp_path, caplog):
         assert main(["calibrate", "--model", str(model_dir), "--data", str(data), *CAL,
                      "--out", str(tmp_path / "s.safetensors")]) == 0
     assert "not UTF-8" in caplog.text
+
+
+@pytest.mark.parametrize("flags, match", [
+    (("--heads", "1.5"), "--heads must be a fraction in [0, 1)"),
+    (("--hidden", "-0.1"), "--hidden must be a fraction"),
+    (("--mlp", "1.0"), "--mlp (--ratio): ratio must be in [0, 1)"),
+    (("--layers", "-1"), "--layers must be a number"),
+    (("--target-params", "1.2"), "--target-params must be the fraction"),
+    (("--target-params", "0.7", "--mlp", "0.1"), "--target-params chooses the MLP and head amounts"),
+    (("--heads", "0.9"), "would remove every head of a KV group"),
+    (("--heads", "0.9", "--heads-mode", "kv"), "would remove every head of a KV group"),
+    (("--layers", "2"), "would remove every one of the 2 layers"),
+    (("--hidden", "0.6"), "leaves fewer channels than head_dim = 16"),
+])
+def test_bad_structure_amounts(flags, match, model_dir, stats_file, tmp_path, capsys):
+    before = _digest(model_dir)
+    _fails(capsys, ["prune", "--model", model_dir, "--stats", stats_file, *flags, "--no-eval", "--out",
+                    tmp_path / "out"], match, tmp_path)
+    assert _digest(model_dir) == before

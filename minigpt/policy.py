@@ -1,0 +1,186 @@
+"""``Policy``: how much of every structure to remove, validated once; the plans of heads, hidden channels and layers.
+
+Scores (from ``CalibrationStats.sums``, ``minigpt.taps``), lowest removed first:
+
+* query head h of layer l: mean ‖o_h‖ over tokens. ``heads = r`` removes ``round(r·G)`` heads inside every KV
+  group of ``G`` query heads (the config stays stock: H' stays a multiple of K); with ``kv_groups`` it removes
+  ``round(r·K)`` whole KV groups (score: the sum of their heads'), with their query heads.
+* hidden channel c: mean |x_c| of every block's normalised inputs, summed over layers; the kept count is rounded
+  down to a multiple of the query-head count (stock configs require it) and of ``multiple``.
+* layer l: Block Influence, mean over tokens of 1 − cos(residual before, after); ``layer_metric="random"``
+  removes seeded random layers instead (the baseline).
+
+``target_params = f`` (the fraction of parameters to keep) allocates by one rule: the same fraction ``r`` of MLP
+neurons and of query heads (inside KV groups) is removed, ``r`` the smallest on a 1/200 grid whose model keeps at
+most ``f`` of the parameters (counted exactly on a meta-device copy); ``hidden`` and ``layers``, when given,
+are removed as well and count towards the budget.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass, replace
+
+import torch
+
+from minigpt import surgery
+from minigpt.architecture import describe
+from minigpt.errors import MiniGPTError
+
+
+@dataclass(frozen=True)
+class Policy:
+    """Amounts per structure. ``mlp`` / ``threshold`` and the MLP keywords are ``minigpt.plan``'s."""
+
+    mlp: float | None = None
+    threshold: float | None = None
+    scope: str = "uniform"
+    multiple: int = 1
+    min_keep: float = 0.0
+    reverse: bool = False
+    heads: float = 0.0
+    kv_groups: bool = False
+    hidden: float = 0.0
+    layers: int = 0
+    layer_metric: str = "influence"
+    target_params: float | None = None
+    seed: int = 0
+
+    def __post_init__(self):
+        for name in ("heads", "hidden"):
+            value = getattr(self, name)
+            if not 0.0 <= value < 1.0:
+                raise MiniGPTError(f"--{name} must be a fraction in [0, 1), got {value}")
+        if self.mlp is not None and not 0.0 <= self.mlp < 1.0:
+            raise MiniGPTError(f"--mlp (--ratio): ratio must be in [0, 1), got {self.mlp}")
+        if self.layers < 0:
+            raise MiniGPTError(f"--layers must be a number of layers ≥ 0, got {self.layers}")
+        if self.target_params is not None and not 0.0 < self.target_params < 1.0:
+            raise MiniGPTError(f"--target-params must be the fraction of parameters to keep, in (0, 1), "
+                               f"got {self.target_params}")
+        if self.target_params is not None and (self.mlp is not None or self.threshold is not None or self.heads):
+            raise MiniGPTError("--target-params chooses the MLP and head amounts itself: drop --mlp/--ratio/--heads")
+        if self.layer_metric not in ("influence", "random"):
+            raise MiniGPTError(f"layer metric must be influence or random, got {self.layer_metric!r}")
+
+    @property
+    def structural(self) -> bool:
+        return bool(self.heads or self.hidden or self.layers)
+
+    def mlp_keywords(self) -> dict:
+        """The keywords ``minigpt.plan`` takes."""
+        return {"threshold": self.threshold, "ratio": self.mlp, "scope": self.scope, "multiple": self.multiple,
+                "min_keep": self.min_keep, "reverse": self.reverse}
+
+    def check_model(self, model) -> None:
+        """Refuse amounts this model cannot take (one line), before any statistics are collected."""
+        arch = describe(model)
+        if self.hidden and arch.hidden is None:
+            raise MiniGPTError(f"--hidden: {model.config.model_type} has no describable hidden channels "
+                               f"({arch.hidden_problem})")
+        if self.layers >= len(arch.layers):
+            raise MiniGPTError(f"--layers {self.layers} would remove every one of the {len(arch.layers)} layers")
+        if self.heads or self.kv_groups:
+            layer = arch.layers[0]
+            if layer.heads is None:
+                raise MiniGPTError(f"--heads: {model.config.model_type} has no attention heads in its description")
+            n = layer.kv.size if self.kv_groups else layer.queries_per_kv
+            if n - round(self.heads * n) < 1:
+                raise MiniGPTError(f"--heads {self.heads} would remove every head of a KV group")
+        if self.hidden:
+            d = arch.layers[0].head_dim or 1
+            if arch.hidden.size - round(self.hidden * arch.hidden.size) < d:
+                raise MiniGPTError(f"--hidden {self.hidden} leaves fewer channels than head_dim = {d}")
+
+
+def _mean(stats, key: str) -> torch.Tensor:
+    if key not in stats.sums:
+        raise MiniGPTError(f"the statistics have no {key} sums (collected before format 2): calibrate again")
+    return stats.sums[key].double().cpu() / stats.tokens
+
+
+def _lowest(score: torch.Tensor, n: int) -> set[int]:
+    return set(torch.sort(score, stable=True).indices[:n].tolist())
+
+
+def kept_heads(stats, arch, ratio: float, kv_groups: bool) -> list[list[int]]:
+    """Per layer, the query heads kept (see module doc)."""
+    out = []
+    for layer, groups in enumerate(arch.layers):
+        score = _mean(stats, f"heads.{layer}.sum")
+        per = groups.queries_per_kv
+        by_group = score.view(groups.kv.size, per)
+        if kv_groups:
+            dropped = _lowest(by_group.sum(1), min(round(ratio * groups.kv.size), groups.kv.size - 1))
+            out.append([h for h in range(groups.heads.size) if h // per not in dropped])
+        else:
+            n = min(round(ratio * per), per - 1)
+            out.append(sorted(g * per + j for g in range(groups.kv.size)
+                              for j in set(range(per)) - _lowest(by_group[g], n)))
+    return out
+
+
+def kept_hidden(stats, arch, ratio: float, heads: list[list[int]] | None, multiple: int) -> list[int]:
+    size = arch.hidden.size
+    n_heads = math.lcm(*(len(h) for h in heads)) if heads else math.lcm(*(g.heads.size for g in arch.layers))
+    step = math.lcm(n_heads, multiple)
+    keep = max(step, (size - round(ratio * size)) // step * step)
+    return sorted(set(range(size)) - _lowest(_mean(stats, "hidden.sum_abs"), size - keep))
+
+
+def kept_layers(stats, n_layers: int, remove: int, metric: str, seed: int) -> list[int]:
+    if metric == "random":
+        score = torch.rand(n_layers, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    else:
+        score = _mean(stats, "layers.influence")
+    return sorted(set(range(n_layers)) - _lowest(score, remove))
+
+
+def structure_plan(stats, model, policy: Policy) -> surgery.Kept:
+    """What ``policy`` keeps of heads, hidden channels and layers (MLP neurons are ``minigpt.plan``'s)."""
+    arch = describe(model)
+    heads = kept_heads(stats, arch, policy.heads, policy.kv_groups) if policy.heads else None
+    hidden = kept_hidden(stats, arch, policy.hidden, heads, policy.multiple) if policy.hidden else None
+    layers = kept_layers(stats, len(arch.layers), policy.layers, policy.layer_metric, policy.seed) \
+        if policy.layers else None
+    return surgery.Kept(heads=heads, hidden=hidden, layers=layers)
+
+
+def count_after(model, kept: surgery.Kept) -> int:
+    """Parameters (tied counted once) of ``model`` pruned to ``kept``, computed on a meta-device copy."""
+    base = next(c for c in type(model).__mro__ if c.__name__ != "MiniGPTForCausalLM")
+    with torch.device("meta"):
+        shadow = base(copy.deepcopy(model.config))
+    surgery.shrink(shadow, kept, lambda srcs, idx, dims: [s.index_select(d, i.to("meta"))
+                                                          for s, i, d in zip(srcs, idx, dims)])
+    return sum(p.numel() for p in shadow.parameters())
+
+
+def params_after(stats, model, policy: Policy, mlp_scores: list[torch.Tensor]) -> int:
+    """Parameters ``model`` keeps under ``policy`` (its ``mlp`` a ratio applied to every layer by ``mlp_scores``)."""
+    kept = structure_plan(stats, model, policy)
+    r = policy.mlp or 0.0
+    kept.mlp = [sorted(set(range(len(s))) - _lowest(s, min(round(r * len(s)), len(s) - 1))) for s in mlp_scores]
+    return count_after(model, kept)
+
+
+def allocate(stats, model, policy: Policy, mlp_scores: list[torch.Tensor]) -> Policy:
+    """The policy with ``mlp`` and ``heads`` chosen by the ``target_params`` rule (module doc)."""
+    budget = policy.target_params * sum(p.numel() for p in model.parameters())
+    has_heads = describe(model).layers[0].heads is not None
+
+    def trial(step: int) -> Policy:
+        return replace(policy, target_params=None, mlp=step / 200, heads=step / 200 if has_heads else 0.0)
+
+    lo, hi = 0, 199  # grid steps of 1/200
+    if params_after(stats, model, trial(hi), mlp_scores) > budget:
+        raise MiniGPTError(f"--target-params {policy.target_params} cannot be reached by removing MLP neurons "
+                           f"and heads (add --hidden or --layers)")
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if params_after(stats, model, trial(mid), mlp_scores) <= budget:
+            hi = mid
+        else:
+            lo = mid + 1
+    return trial(lo)
