@@ -26,12 +26,25 @@ class _LayerAccumulator:
 
     def __init__(self, n: int):
         self.n, self.acc, self.nnz = n, None, None
+        self.gram = self.gram_sum = None  # fp32 (N, N) / (N,) scratch of Σ h hᵀ and Σ h, while collect_gram
+        self.collect_gram = False
 
     def on(self, device: torch.device) -> _LayerAccumulator:
         if self.acc is None:
             self.acc = torch.zeros(3, self.n, dtype=torch.float32, device=device)
             self.nnz = torch.zeros(self.n, dtype=torch.int64, device=device)
         return self
+
+    def add_gram(self, h: torch.Tensor) -> None:
+        """Add ``Σ h hᵀ`` and ``Σ h`` of ``h: (..., N)`` (one GEMM, fp32 accumulator) when collecting this batch."""
+        if not self.collect_gram:
+            return
+        if self.gram is None:
+            self.gram = torch.zeros(self.n, self.n, dtype=torch.float32, device=h.device)
+            self.gram_sum = torch.zeros(self.n, dtype=torch.float32, device=h.device)
+        flat = h.reshape(-1, self.n).float()
+        self.gram.addmm_(flat.T, flat)
+        self.gram_sum += flat.sum(0)
 
     def check_finite(self, layer: int) -> None:
         if self.acc is not None and not torch.isfinite(self.acc[:2].sum()):
@@ -51,6 +64,13 @@ class _LayerAccumulator:
         stats.nonzero[layer] += self.nnz
         self.acc.zero_()
         self.nnz.zero_()
+        if self.collect_gram and self.gram is not None:
+            stats.gram[layer] = stats.gram[layer].to(self.gram.device)
+            stats.gram_sum[layer] = stats.gram_sum[layer].to(self.gram.device)
+            stats.gram[layer] += self.gram
+            stats.gram_sum[layer] += self.gram_sum
+            self.gram.zero_()
+            self.gram_sum.zero_()
 
 
 class _StatsActivation(torch.nn.Module):
@@ -66,9 +86,11 @@ class _StatsActivation(torch.nn.Module):
     def forward(self, x, up=None):
         accum = self.accum.on(x.device)
         if self.act is not None:
-            return ops.act_stats(x, up, self.act, accum.acc, accum.nnz, backend=self.backend)
-        h = self.original(x) if up is None else self.original(x) * up
-        ops.column_stats(h, accum.acc, accum.nnz, backend=self.backend)
+            h = ops.act_stats(x, up, self.act, accum.acc, accum.nnz, backend=self.backend)
+        else:
+            h = self.original(x) if up is None else self.original(x) * up
+            ops.column_stats(h, accum.acc, accum.nnz, backend=self.backend)
+        accum.add_gram(h)
         return h
 
 
@@ -117,10 +139,11 @@ def input_device(model) -> torch.device:
 
 @torch.inference_mode()
 def run_batches(model, batches, stats: CalibrationStats, backend: str = "auto", progress: bool = True,
-                on_batch=None) -> CalibrationStats:
+                on_batch=None, gram_tokens: int | None = None) -> CalibrationStats:
     """Stream ``batches`` (``(B, S)`` input ids) through ``model`` adding into ``stats`` (in place, returned).
 
     Each layer's statistics move to that layer's device; a NaN or inf activation stops with the layer named.
+    When ``stats`` holds Gram matrices, whole batches add to them until ``gram_tokens`` (None: every batch).
     """
     device = input_device(model)
     backend = ops.resolve_backend(backend, device)
@@ -132,12 +155,16 @@ def run_batches(model, batches, stats: CalibrationStats, backend: str = "auto", 
         for input_ids in batches:
             input_ids = input_ids.to(device)
             mask = torch.ones_like(input_ids)
+            collect = stats.gram is not None and (gram_tokens is None or stats.gram_tokens < gram_tokens)
+            for accum in accums:
+                accum.collect_gram = collect
             base(input_ids=input_ids, attention_mask=mask, use_cache=False)
             ops.token_histogram(input_ids, mask, stats.token_counts, backend=backend)
             for layer, accum in enumerate(accums):
                 accum.check_finite(layer)
                 accum.fold_into(stats, layer)
             stats.tokens += input_ids.numel()
+            stats.gram_tokens += input_ids.numel() if collect else 0
             bar.update(input_ids.numel())
             if on_batch is not None:
                 on_batch(stats)
@@ -169,6 +196,29 @@ def _restore(path, resume: bool, fp: dict, run: dict):
     return saved, state["positions"], state["done"]
 
 
+def gram_bytes_needed(widths: list[int]) -> int:
+    """Bytes Gram statistics take while calibrating: fp64 totals + fp32 per-batch scratch, ``12 · Σ_l N_l²``."""
+    return 12 * sum(n * n for n in widths)
+
+
+def _free_bytes(device: torch.device) -> int:
+    """Free memory of ``device`` (CUDA: ``mem_get_info``; CPU: available physical pages)."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def want_gram(gram: bool | None, widths: list[int], device: torch.device) -> bool:
+    """``gram`` as given, or (None) whether the Gram statistics fit in half the device's free memory."""
+    if gram is not None:
+        return gram
+    need, free = gram_bytes_needed(widths), _free_bytes(device)
+    if need > free // 2:
+        log.warning("not collecting Gram statistics: they need %.1f GiB, %.1f GiB free (use --sequential, which "
+                    "holds one layer's)", need / 2**30, free / 2**30)
+    return need <= free // 2
+
+
 def _share(max_tokens: int | None, seq_len: int, rank: int, world: int) -> int | None:
     """Sequences rank ``rank`` calibrates on: its part of ``⌈max_tokens / seq_len⌉`` (None: its whole shard)."""
     if max_tokens is None:
@@ -193,6 +243,8 @@ def calibrate(
     checkpoint: str | os.PathLike | None = None,
     checkpoint_every: int | None = None,
     resume: bool = False,
+    gram: bool | None = None,
+    gram_tokens: int | None = None,
 ) -> CalibrationStats:
     """Collect per-neuron statistics of ``model`` over the corpus ``data`` (files, dirs or corpus names).
 
@@ -202,6 +254,8 @@ def calibrate(
     ``checkpoint``: a file rewritten atomically (by rank 0) every ``checkpoint_every`` tokens with the summed
     statistics and every rank's stream position; ``resume=True`` continues from it, ending with the statistics
     of an uninterrupted run. The caller deletes the checkpoint once the result is saved.
+    ``gram``: also sum the Gram matrix ``Σ h hᵀ`` and ``Σ h`` of every down_proj input (None: when they fit in
+    half the free memory, ``want_gram``) over the first ``gram_tokens`` tokens (None: all; whole batches).
     Returns ``CalibrationStats`` (on the CPU) whose ``meta`` records the corpus, the backend and the speed.
     """
     rank, world = distributed.rank_world()
@@ -211,7 +265,9 @@ def calibrate(
     run = {**corpus, "files_hash": content_hash([(str(f), f.stat().st_size) for f in files]),
            "batch_size": batch_size, "text_field": text_field, "world_size": world}
     fp = fingerprint(model, tokenizer)
-    stats, positions, done = CalibrationStats.empty(fp), [0] * world, [0] * world
+    gram = want_gram(gram, fp["mlp_widths"], input_device(model))
+    run.update(gram=gram, gram_tokens=gram_tokens)
+    stats, positions, done = CalibrationStats.empty(fp, gram=gram), [0] * world, [0] * world
     restored = _restore(checkpoint, resume, fp, run) if rank == 0 else None  # rank 0 holds the checkpoint
     if restored is not None:
         stats, positions, done = restored
@@ -246,7 +302,8 @@ def calibrate(
                           max_tokens=None if share is None else share * seq_len, text_field=text_field, seed=seed,
                           rank=rank, world_size=world, skip_sequences=positions[rank], allow_empty=world > 1,
                           doc_tokens=doc_tokens)
-        run_batches(model, batches, stats, backend=backend, progress=progress and rank == 0, on_batch=on_batch)
+        run_batches(model, batches, stats, backend=backend, progress=progress and rank == 0, on_batch=on_batch,
+                    gram_tokens=None if gram_tokens is None else -(-gram_tokens // world))
     total, finished, positions = sync(True)
     while not finished:  # this rank's shard ended: keep joining the others' checkpoint rounds
         total, finished, positions = sync(True)
@@ -259,6 +316,7 @@ def calibrate(
         corpus=corpus, backend=backend, world_size=world, sequences_per_rank=positions,
         seconds=round(seconds, 3), tokens_per_second=round(new_tokens / seconds, 1),
         dtype=str(model.get_input_embeddings().weight.dtype).removeprefix("torch."),
+        gram_bytes=total.gram_bytes, gram_tokens=total.gram_tokens,
     )
     log.info("calibrated on %d tokens with backend %s (%.0f tok/s)", total.tokens, backend, new_tokens / seconds)
     return total
