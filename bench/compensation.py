@@ -22,6 +22,7 @@ from minigpt.evaluation import evaluate
 from minigpt.io import load_model
 from minigpt.pipeline import prune
 from minigpt.sequential import prune_sequential
+from minigpt.stats import CalibrationStats
 
 ROWS = {  # label: (select, compensate, sequential)
     "l1": ("metric", "none", False),
@@ -42,14 +43,25 @@ def _scores(model, tokenizer, args) -> dict:
     return out
 
 
+def _write(result: dict, out: Path) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(result, indent=1))
+    out.with_suffix(".md").write_text(markdown(result))
+
+
 def run(args) -> dict:
+    """Every row, the result files rewritten after each (an interrupted run keeps its finished rows)."""
     model, tokenizer = load_model(args.model)
     calib = {"max_tokens": args.calib_tokens, "seq_len": 512, "batch_size": 8, "doc_tokens": args.doc_tokens,
              "progress": False}
-    start = time.perf_counter()
-    stats = calibrate(model, tokenizer, "stdlib", gram=True, **calib)
+    if args.stats and Path(args.stats).exists():
+        stats = CalibrationStats.load(args.stats)
+    else:
+        stats = calibrate(model, tokenizer, "stdlib", gram=True, **calib)
+        if args.stats:
+            stats.save(args.stats)
     result = {"model": args.model or "SmolLM2-135M-Instruct", "calibration": {**calib, "data": "stdlib",
-              "seconds": round(time.perf_counter() - start, 1), "gram_bytes": stats.gram_bytes},
+              "seconds": stats.meta["seconds"], "gram_bytes": stats.gram_bytes, "tokens": stats.tokens},
               "eval": {"data": args.eval_data, "tokens": args.eval_tokens, "doc_tokens": args.doc_tokens},
               "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, CPU",
               "torch": torch.__version__, "base": _scores(model, tokenizer, args), "rows": []}
@@ -60,17 +72,20 @@ def run(args) -> dict:
             start = time.perf_counter()
             if sequential:
                 pruned, plan = prune_sequential(pruned, tokenizer, "stdlib", ratio=ratio, select=select,
-                                                compensate=method, **{k: v for k, v in calib.items() if k != "progress"})
+                                                compensate=method, damping=args.damping,
+                                                **{k: v for k, v in calib.items() if k != "progress"})
             else:
-                pruned, plan = prune(pruned, tokenizer, stats=stats, ratio=ratio, select=select, compensate=method)
+                pruned, plan = prune(pruned, tokenizer, stats=stats, ratio=ratio, select=select, compensate=method,
+                                     damping=args.damping)
             seconds = time.perf_counter() - start
-            row = {"ratio": ratio, "method": label, "seconds": round(seconds, 1), "kept_widths": plan.kept_widths,
+            row = {"ratio": ratio, "method": label, "damping": args.damping if method == "lstsq" else None, "seconds": round(seconds, 1), "kept_widths": plan.kept_widths,
                    "seconds_note": "own calibration passes included" if sequential else "calibration shared, excluded",
                    **_scores(pruned, tokenizer, args)}
             for corpus in args.eval_data:
                 row[corpus]["x_base"] = row[corpus]["perplexity"] / result["base"][corpus]["perplexity"]
             result["rows"].append(row)
             print(json.dumps(row), flush=True)
+            _write(result, Path(args.out))
             del pruned
     return result
 
@@ -97,18 +112,16 @@ def main() -> None:
     p.add_argument("--model")
     p.add_argument("--out", required=True, help="path without suffix: writes OUT.json and OUT.md")
     p.add_argument("--calib-tokens", type=int, default=16384)
+    p.add_argument("--stats", help="statistics file: loaded when it exists (its calibration settings must match), "
+                   "else written after calibrating")
+    p.add_argument("--damping", type=float, default=0.01)
     p.add_argument("--doc-tokens", type=int, default=512)
     p.add_argument("--eval-tokens", type=int, default=8192)
     p.add_argument("--eval-data", nargs="+", default=["stdlib-heldout", "pydocs-heldout"])
     p.add_argument("--ratios", type=float, nargs="+", default=[0.2, 0.4])
     p.add_argument("--rows", nargs="+", default=list(ROWS), choices=list(ROWS))
     args = p.parse_args()
-    result = run(args)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(result, indent=1))
-    out.with_suffix(".md").write_text(markdown(result))
-    print(markdown(result))
+    print(markdown(run(args)))
 
 
 if __name__ == "__main__":

@@ -256,3 +256,19 @@ def test_bad_compensation_options_fail_fast(model_dir, corpus_dir, tmp_path, cap
     assert _prune(model_dir, corpus_dir, tmp_path / "o", *extra) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("minigpt: error: ") and not (tmp_path / "o").exists()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_gram_on_cuda_matches_the_float64_reference(tiny_tokenizer, corpus_dir, dtype):
+    """The GPU path (the fused statistics op + cuBLAS addmm into fp32) against Σ h hᵀ of the same activations in
+    float64: within the fp32 accumulation error of the activations' own dtype (bf16 rounds h itself)."""
+    model = tiny_model("llama").to("cuda", dtype)
+    batches = _batches(tiny_tokenizer, corpus_dir)
+    xs = _down_inputs(model, [b.cuda() for b in batches])
+    stats = CalibrationStats.empty(fingerprint(model, tiny_tokenizer), gram=True)
+    run_batches(model, batches, stats, backend="auto", progress=False)
+    for x, g in zip(xs, stats.gram):
+        ref = (x.T @ x).cpu()
+        torch.testing.assert_close(g.cpu(), ref, rtol=1e-4, atol=1e-4 * float(ref.abs().max()))
