@@ -8,6 +8,8 @@ random-initialised Llama shapes), repetitions interleaved (the method order rota
 * ``bare``: ``model.base_model(input_ids, use_cache=False)`` under inference_mode, no statistics
   (the call calibration makes; the limit).
 * ``minigpt <backend>``: ``minigpt.calibration.run_batches`` (``auto`` first: cpp on CPU, triton on CUDA).
+* ``minigpt <auto backend> + Gram``: the same with the Gram statistics of every down_proj input (one ``addmm``
+  per layer per batch into an fp32 ``(N, N)`` accumulator).
 * ``hooks (peers)``: a forward pre-hook on each down projection adding ``x.float().abs().sum(0)`` into an
   accumulator on the device.
 * ``hooks (Mini-GPTs)``: a forward hook on every ``nn.Linear`` adding ``out.abs().sum(0).cpu()`` on each call.
@@ -116,9 +118,9 @@ def minigpts_hooks(model, batches) -> None:
         bare(model, batches)
 
 
-def fused(backend: str) -> Callable:
+def fused(backend: str, gram: bool = False) -> Callable:
     def run(model, batches) -> None:
-        stats = CalibrationStats.empty(fingerprint(model), device=model.device)
+        stats = CalibrationStats.empty(fingerprint(model), device=model.device, gram=gram)
         run_batches(model, batches, stats, backend=backend, progress=False)
 
     return run
@@ -154,6 +156,7 @@ def measure(fn: Callable, model, batches) -> tuple[float, float, int]:
 def methods(device: str) -> dict[str, Callable]:
     backends = ops.available_backends(device)
     return {"bare": bare, **{f"minigpt {b}" + (" (auto)" if i == 0 else ""): fused(b) for i, b in enumerate(backends)},
+            f"minigpt {backends[0]} + Gram": fused(backends[0], gram=True),
             "hooks (peers)": peer_hooks, "hooks (Mini-GPTs)": minigpts_hooks}
 
 

@@ -26,12 +26,25 @@ class _LayerAccumulator:
 
     def __init__(self, n: int):
         self.n, self.acc, self.nnz = n, None, None
+        self.gram = self.gram_sum = None  # fp32 (N, N) / (N,) scratch of Σ h hᵀ and Σ h, while collect_gram
+        self.collect_gram = False
 
     def on(self, device: torch.device) -> _LayerAccumulator:
         if self.acc is None:
             self.acc = torch.zeros(3, self.n, dtype=torch.float32, device=device)
             self.nnz = torch.zeros(self.n, dtype=torch.int64, device=device)
         return self
+
+    def add_gram(self, h: torch.Tensor) -> None:
+        """Add ``Σ h hᵀ`` and ``Σ h`` of ``h: (..., N)`` (one GEMM, fp32 accumulator) when collecting this batch."""
+        if not self.collect_gram:
+            return
+        if self.gram is None:
+            self.gram = torch.zeros(self.n, self.n, dtype=torch.float32, device=h.device)
+            self.gram_sum = torch.zeros(self.n, dtype=torch.float32, device=h.device)
+        flat = h.reshape(-1, self.n).float()
+        self.gram.addmm_(flat.T, flat)
+        self.gram_sum += flat.sum(0)
 
     def fold_into(self, stats: CalibrationStats, layer: int) -> None:
         """Add the batch into ``stats`` (whose layer tensors move, once, to this layer's device) and reset."""
@@ -46,6 +59,13 @@ class _LayerAccumulator:
         stats.nonzero[layer] += self.nnz
         self.acc.zero_()
         self.nnz.zero_()
+        if self.collect_gram and self.gram is not None:
+            stats.gram[layer] = stats.gram[layer].to(self.gram.device)
+            stats.gram_sum[layer] = stats.gram_sum[layer].to(self.gram.device)
+            stats.gram[layer] += self.gram
+            stats.gram_sum[layer] += self.gram_sum
+            self.gram.zero_()
+            self.gram_sum.zero_()
 
 
 class _StatsActivation(torch.nn.Module):
@@ -64,9 +84,11 @@ class _StatsActivation(torch.nn.Module):
     def forward(self, x, up=None):
         accum = self.accum.on(x.device)
         if self.act is not None:
-            return self.act_stats(x, up, self.act, self.active_min, accum.acc, accum.nnz)
-        h = self.original(x) if up is None else self.original(x) * up
-        self.column_stats(h, accum.acc, accum.nnz)
+            h = self.act_stats(x, up, self.act, self.active_min, accum.acc, accum.nnz)
+        else:
+            h = self.original(x) if up is None else self.original(x) * up
+            self.column_stats(h, accum.acc, accum.nnz)
+        accum.add_gram(h)
         return h
 
 
@@ -151,11 +173,12 @@ def calibrate_batch(base, input_ids: torch.Tensor, accums: list[_LayerAccumulato
 
 @torch.inference_mode()
 def run_batches(model, batches, stats: CalibrationStats, backend: str = "auto", progress: bool = True,
-                on_batch=None) -> CalibrationStats:
+                on_batch=None, gram_tokens: int | None = None) -> CalibrationStats:
     """Stream ``batches`` (``(B, S)`` input ids) through ``model`` adding into ``stats`` (in place, returned).
 
     Each layer's statistics move to that layer's device. Nothing synchronises with the GPU per batch (apart from
     ``on_batch``); a NaN or inf activation stops at the end (``check_finite``) with the first such layer named.
+    When ``stats`` holds Gram matrices, whole batches add to them until ``gram_tokens`` (None: every batch).
     """
     device = input_device(model)
     backend = ops.resolve_backend(backend, device)
@@ -167,8 +190,12 @@ def run_batches(model, batches, stats: CalibrationStats, backend: str = "auto", 
             _progress(total, progress) as bar:
         for input_ids in batches:
             input_ids = input_ids.to(device)
+            collect = stats.gram is not None and (gram_tokens is None or stats.gram_tokens < gram_tokens)
+            for accum in accums:
+                accum.collect_gram = collect
             calibrate_batch(base, input_ids, accums, stats, backend)
             fold()
+            stats.gram_tokens += input_ids.numel() if collect else 0
             bar.update(input_ids.numel())
             if on_batch is not None:
                 on_batch(stats)
@@ -199,6 +226,29 @@ def _restore(path, resume: bool, fp: dict, run: dict):
             raise MiniGPTError(f"checkpoint {path} belongs to another run ({key} was {state['run'].get(key)!r}, "
                                f"now {value!r}); delete it to start over")
     return saved, state["positions"], state["done"]
+
+
+def gram_bytes_needed(widths: list[int]) -> int:
+    """Bytes Gram statistics take while calibrating: fp64 totals + fp32 per-batch scratch, ``12 · Σ_l N_l²``."""
+    return 12 * sum(n * n for n in widths)
+
+
+def _free_bytes(device: torch.device) -> int:
+    """Free memory of ``device`` (CUDA: ``mem_get_info``; CPU: available physical pages)."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def want_gram(gram: bool | None, widths: list[int], device: torch.device) -> bool:
+    """``gram`` as given, or (None) whether the Gram statistics fit in half the device's free memory."""
+    if gram is not None:
+        return gram
+    need, free = gram_bytes_needed(widths), _free_bytes(device)
+    if need > free // 2:
+        log.warning("not collecting Gram statistics: they need %.1f GiB, %.1f GiB free (use --sequential, which "
+                    "holds one layer's)", need / 2**30, free / 2**30)
+    return need <= free // 2
 
 
 def _share(max_tokens: int | None, seq_len: int, rank: int, world: int) -> int | None:
@@ -275,6 +325,8 @@ def calibrate(
     checkpoint: str | os.PathLike | None = None,
     checkpoint_every: int | None = None,
     resume: bool = False,
+    gram: bool | None = None,
+    gram_tokens: int | None = None,
 ) -> CalibrationStats:
     """Collect per-neuron statistics of ``model`` over the corpus ``data`` (files, dirs or corpus names).
 
@@ -286,6 +338,8 @@ def calibrate(
     ``checkpoint``: a file rewritten atomically (by rank 0) every ``checkpoint_every`` tokens with the summed
     statistics and every rank's stream position; ``resume=True`` continues from it, ending with the statistics
     of an uninterrupted run. The caller deletes the checkpoint once the result is saved.
+    ``gram``: also sum the Gram matrix ``Σ h hᵀ`` and ``Σ h`` of every down_proj input (None: when they fit in
+    half the free memory, ``want_gram``) over the first ``gram_tokens`` tokens (None: all; whole batches).
     Returns ``CalibrationStats`` (on the CPU) whose ``meta`` records the corpus, the backend and the speed.
     """
     rank, world = distributed.rank_world()
@@ -295,7 +349,9 @@ def calibrate(
     run = {**corpus, "files_hash": content_hash([(str(f), f.stat().st_size) for f in files]),
            "batch_size": batch_size, "text_field": text_field, "world_size": world}
     fp = fingerprint(model, tokenizer)
-    stats, positions, done = CalibrationStats.empty(fp), [0] * world, [0] * world
+    gram = want_gram(gram, fp["mlp_widths"], input_device(model))
+    run.update(gram=gram, gram_tokens=gram_tokens)
+    stats, positions, done = CalibrationStats.empty(fp, gram=gram), [0] * world, [0] * world
     restored = _restore(checkpoint, resume, fp, run) if rank == 0 else None  # rank 0 holds the checkpoint
     if restored is not None:
         stats, positions, done = restored
@@ -331,7 +387,7 @@ def calibrate(
         theirs; returns the summed stats, every rank's position and which ranks' streams ended."""
         if want != 0:
             run_batches(model, rounds.take(want), stats, backend=backend, progress=progress and rank == 0,
-                        on_batch=on_batch)
+                        on_batch=on_batch, gram_tokens=None if gram_tokens is None else -(-gram_tokens // world))
         total, finished, at, ended = sync(True)
         while not finished:  # this rank's part ended: keep joining the others' checkpoint rounds
             total, finished, at, ended = sync(True)
@@ -372,6 +428,7 @@ def calibrate(
         data_wait_share=round(batches.wait_seconds / seconds, 4),
         seconds=round(seconds, 3), tokens_per_second=round(new_tokens / seconds, 1),
         dtype=str(model.get_input_embeddings().weight.dtype).removeprefix("torch."),
+        gram_bytes=total.gram_bytes, gram_tokens=total.gram_tokens,
     )
     log.info("calibrated on %d tokens with backend %s (%.0f tok/s)", total.tokens, backend, new_tokens / seconds)
     return total

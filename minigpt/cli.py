@@ -42,6 +42,23 @@ def _add_calibration_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--backend", default="auto", choices=("auto", "triton", "cuda", "cpp", "torch"))
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-gram", action="store_true", help="do not collect the Gram statistics of down_proj's input "
+                   "(collected by default when they fit in half the free memory; compensation and OBS need them)")
+    p.add_argument("--gram-tokens", type=int, help="Gram statistics over the first this many tokens (default: all)")
+
+
+def _add_compensation_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--compensate", default="auto", choices=("auto", "none", "bias", "lstsq"),
+                   help="refit down_proj on the kept neurons (README: Compensation); auto: lstsq when the "
+                   "statistics hold Gram matrices, none otherwise")
+    p.add_argument("--select", default="metric", choices=("metric", "obs"),
+                   help="which neurons go: the metric's lowest, or greedy structured OBS (counts from the metric)")
+    p.add_argument("--damping", type=float, default=0.01, help="least-squares / OBS damping (fraction of the "
+                   "mean diagonal of the second moment)")
+    p.add_argument("--sequential", action="store_true", help="calibrate, prune and refit layer by layer on the "
+                   "pruned layers' outputs (one layer's statistics in memory at a time)")
+    p.add_argument("--budget-tokens", type=int, default=4096, help="held-out tokens that size the model under "
+                   "--max-ppl-increase (taken after the --eval-tokens the report uses)")
 
 
 def _add_eval_args(p: argparse.ArgumentParser, data_flag: str) -> None:
@@ -97,6 +114,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="which layers --layers removes: lowest Block Influence, or seeded random ones")
     pr.add_argument("--target-params", type=float, help="fraction of parameters to keep: the MLP and head amounts "
                     "are chosen by the documented allocation rule (README: Structures)")
+    policy.add_argument("--max-ppl-increase", type=float, help="remove as much as keeps the held-out perplexity "
+                        "within this relative increase (0.10: 10 %%), by bisection over plans of one calibration")
+    _add_compensation_args(pr)
     pr.add_argument("--scope", default="uniform", choices=("uniform", "global"), help="how --ratio is spread")
     pr.add_argument("--multiple", type=_multiple, default="auto",
                     help="round kept widths up to a multiple: 'auto' (default) = 32, the block of GGUF Q8_0/Q4_0, "
@@ -165,7 +185,8 @@ def _load(args):
 
 def _calibration_kwargs(args) -> dict:
     return {"max_tokens": args.max_tokens, "seq_len": args.seq_len, "batch_size": args.batch_size,
-            "text_field": args.text_field, "doc_tokens": args.doc_tokens, "progress": not args.no_progress}
+            "text_field": args.text_field, "doc_tokens": args.doc_tokens, "progress": not args.no_progress,
+            "gram": False if args.no_gram else None, "gram_tokens": args.gram_tokens}
 
 
 def _eval(model, tokenizer, args, reference_params=None) -> dict:
@@ -258,6 +279,52 @@ def _prune_out_of_core(args, source: Path, out: Path, stats, given_plan, ratio) 
           f"(weights {sizes['before'] / 2**20:,.1f} MiB -> {sizes['after'] / 2**20:,.1f} MiB)")
 
 
+def _compensation(args, stats, given_plan) -> str:
+    """The --compensate method to apply; refuses, before any heavy work, what cannot be combined."""
+    from minigpt.importance import STATS_METRICS
+
+    refits = args.compensate not in ("auto", "none") or args.select == "obs"
+    what = f"--compensate {args.compensate}" if args.select != "obs" else "--select obs"
+    if refits and args.no_gram:
+        raise MiniGPTError(f"{what} needs the Gram statistics that --no-gram turns off")
+    if refits and args.out_of_core:
+        raise MiniGPTError(f"{what} is not available with --out-of-core (it refits weights in memory)")
+    if refits and stats is not None and stats.gram is None:
+        raise MiniGPTError(f"{what} needs Gram statistics; {args.stats} has none (calibrate without --no-gram)")
+    if args.max_ppl_increase is not None and (given_plan is not None or args.out_of_core or args.sequential):
+        raise MiniGPTError("--max-ppl-increase sizes a plan from one calibration: not with --plan, --out-of-core "
+                           "or --sequential")
+    if args.max_ppl_increase is not None and not args.max_ppl_increase > 0:
+        raise MiniGPTError(f"--max-ppl-increase must be > 0 (0.10 = 10 %), got {args.max_ppl_increase}")
+    if args.sequential and (stats is not None or given_plan is not None or args.out_of_core or args.vocab
+                            or args.threshold is not None or args.reverse or args.scope != "uniform"):
+        raise MiniGPTError("--sequential calibrates layer by layer with a uniform --ratio: not with --stats, --plan, "
+                           "--out-of-core, --vocab, --threshold, --reverse or --scope global")
+    if args.sequential and args.metric not in STATS_METRICS:
+        raise MiniGPTError(f"--sequential ranks by a statistics metric ({', '.join(STATS_METRICS)}), "
+                           f"not {args.metric}")
+    if args.compensate != "auto":
+        return args.compensate
+    no_gram = args.no_gram or args.out_of_core or (stats.gram is None if stats is not None else given_plan is not None)
+    return "none" if no_gram else "lstsq"
+
+
+def _size_by_budget(args, model, tokenizer, stats, prune_kwargs: dict) -> dict:
+    """``budget.size_by_budget`` on the held-out tokens after the ``--eval-tokens`` the report scores."""
+    from minigpt.budget import size_by_budget
+    from minigpt.evaluation import token_stream
+    from minigpt.pipeline import prune
+
+    ids = token_stream(tokenizer, args.eval_data, args.eval_tokens + args.budget_tokens,
+                       doc_tokens=args.eval_doc_tokens)[args.eval_tokens:]
+    if ids.numel() < 2:
+        raise MiniGPTError(f"the held-out text has no tokens after the first {args.eval_tokens} for sizing "
+                           "(lower --eval-tokens or give longer --eval-data)")
+    return size_by_budget(model, tokenizer, ids, lambda m, r: prune(m, tokenizer, stats=stats, ratio=r,
+                                                                    **prune_kwargs)[0],
+                          max_increase=args.max_ppl_increase, seq_len=args.eval_seq_len)
+
+
 def cmd_prune(args) -> None:
     from minigpt.compact import save_pruned
     from minigpt.evaluation import parameter_counts
@@ -293,17 +360,46 @@ def cmd_prune(args) -> None:
         policy = replace(policy, mlp=0.0)
     if structural and (args.out_of_core or args.reverse):
         raise MiniGPTError("--heads/--hidden/--layers/--target-params work in memory and without --reverse")
+    if structural and (args.max_ppl_increase is not None or args.sequential):
+        raise MiniGPTError("--heads/--hidden/--layers/--target-params do not combine with --max-ppl-increase or "
+                           "--sequential (MLP neurons only)")
+    compensate = _compensation(args, stats, given_plan)
     if args.out_of_core:
         return _prune_out_of_core(args, Path(source), out, stats, given_plan, ratio)
     model, tokenizer = _load(args)
     before = None if args.no_eval else _eval(model, tokenizer, args)
     reference = parameter_counts(model)["total"]
-    model, plan = prune(
-        model, tokenizer, stats=stats, pruning_plan=given_plan, data=args.data, metric=args.metric,
-        policy=policy, seed=args.seed, reference_data=args.reference_data,
-        reference=CalibrationStats.load(args.reference_stats) if args.reference_stats else None,
-        backend=args.backend, calibration=_calibration_kwargs(args),
-    )
+    refits = compensate != "none" or args.select == "obs"
+    if stats is None and args.max_ppl_increase is not None:
+        from minigpt.calibration import calibrate
+
+        kwargs = _calibration_kwargs(args)
+        stats = calibrate(model, tokenizer, args.data, backend=args.backend,
+                          **{**kwargs, "gram": True if refits else kwargs["gram"]})
+    prune_kwargs = {
+        "metric": args.metric, "seed": args.seed, "reference_data": args.reference_data,
+        "reference": CalibrationStats.load(args.reference_stats) if args.reference_stats else None,
+        "backend": args.backend, "calibration": _calibration_kwargs(args), "compensate": compensate,
+        "select": args.select, "damping": args.damping}
+    budget = None
+    if args.max_ppl_increase is not None:
+        budget = _size_by_budget(args, model, tokenizer, stats, {**prune_kwargs, **{
+            k: v for k, v in policy.mlp_keywords().items() if k not in ("ratio", "threshold")}})
+        ratio = budget["ratio"]
+        policy = replace(policy, mlp=ratio, threshold=None)
+    if args.sequential:
+        from minigpt.sequential import prune_sequential
+
+        kwargs = {k: v for k, v in _calibration_kwargs(args).items() if k not in ("progress", "gram")}
+        model, plan = prune_sequential(model, tokenizer, args.data, ratio=ratio, metric=args.metric,
+                                       select=args.select, compensate=compensate, damping=args.damping,
+                                       multiple=policy.multiple, min_keep=args.min_keep, backend=args.backend,
+                                       **kwargs)
+    else:
+        model, plan = prune(model, tokenizer, stats=stats, pruning_plan=given_plan, data=args.data, policy=policy,
+                            **prune_kwargs)
+    if budget is not None:
+        plan.policy["budget"] = budget
     vocab_report = None
     if args.vocab:
         counts = corpus_token_counts(tokenizer, args.data, args.vocab_tokens,
@@ -320,7 +416,8 @@ def cmd_prune(args) -> None:
     else:
         after = _eval(model, tokenizer, args, reference_params=reference)
     report = {"source": str(source), "plan": plan.policy, "removed_fraction": plan.removed_fraction,
-              "kept_widths": plan.kept_widths, "vocab": vocab_report, "before": before, "after": after}
+              "kept_widths": plan.kept_widths, "vocab": vocab_report, "before": before, "after": after,
+              **({"budget": budget} if budget is not None else {})}
     save_pruned(model, tokenizer, out, plan=plan, source=source, report=report)
     if args.json:
         print(json.dumps(report, indent=1))

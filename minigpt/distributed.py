@@ -88,6 +88,7 @@ def all_reduce_stats(stats: CalibrationStats) -> CalibrationStats:
         sum_abs=split_sums[:n], sum_sq=split_sums[n:], max_abs=split(maxima, widths),
         nonzero=split_counts[:n], token_counts=split_counts[n], tokens=int(split_counts[n + 1]),
         fingerprint=dict(stats.fingerprint), meta=dict(stats.meta), sums=dict(zip(names, extra)),
+        **_all_reduce_gram(stats, dev),
     )
 
 
@@ -95,6 +96,19 @@ def all_sum_tensor(t: torch.Tensor) -> torch.Tensor:
     """``t`` summed over ranks, in place."""
     dist.all_reduce(t, op=dist.ReduceOp.SUM)
     return t
+
+
+def _all_reduce_gram(stats: CalibrationStats, dev: torch.device) -> dict:
+    """The summed Gram fields (one all-reduce per layer's ``(N, N)`` matrix, not one huge buffer), or {}."""
+    if stats.gram is None:
+        return {}
+    summed = []
+    for t in (*stats.gram, *stats.gram_sum, torch.tensor([float(stats.gram_tokens)], dtype=torch.float64)):
+        t = t.to(dev, copy=True)
+        dist.all_reduce(t)
+        summed.append(t.cpu())
+    n = len(stats.gram)
+    return {"gram": summed[:n], "gram_sum": summed[n:2 * n], "gram_tokens": int(summed[-1])}
 
 
 def check_local_world_for_device_map(device_map) -> None:

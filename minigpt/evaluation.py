@@ -67,8 +67,16 @@ def perplexity(model, tokenizer, data=None, *, seq_len: int = 512, stride: int |
     Bits per byte = total NLL in bits / UTF-8 bytes of the scored text (comparable across tokenizers).
     ``doc_tokens``: score at most that many tokens of each document, so that ``max_tokens`` spans more documents.
     """
-    stride = stride or seq_len
     ids = token_stream(tokenizer, data, max_tokens, text_field, doc_tokens)
+    return perplexity_of_ids(model, tokenizer, ids, seq_len=seq_len, stride=stride, batch_size=batch_size,
+                             progress=progress)
+
+
+@torch.inference_mode()
+def perplexity_of_ids(model, tokenizer, ids: torch.Tensor, *, seq_len: int = 512, stride: int | None = None,
+                      batch_size: int = 4, progress: bool = False) -> dict:
+    """``perplexity`` of the token ids ``ids: (T,)`` (the held-out stream ``token_stream`` returns)."""
+    stride = stride or seq_len
     if ids.numel() < 2:
         raise ValueError("held-out text has fewer than two tokens")
     device = model.get_input_embeddings().weight.device

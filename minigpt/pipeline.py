@@ -5,6 +5,8 @@ from __future__ import annotations
 from minigpt import importance
 from minigpt.calibration import calibrate
 from minigpt.compact import compact
+from minigpt.compensate import DAMPING, mark_mlp_bias, obs_kept
+from minigpt.compensate import compensate as compensate_model
 from minigpt.errors import MiniGPTError
 from minigpt.importance import NEEDS_STATS
 from minigpt.planning import PruningPlan, plan
@@ -32,6 +34,9 @@ def prune(
     backend: str = "auto",
     calibration: dict | None = None,
     policy: Policy | None = None,
+    compensate: str = "none",
+    select: str = "metric",
+    damping: float = DAMPING,
 ) -> tuple[object, PruningPlan]:
     """Prune ``model``'s MLP neurons in place; returns ``(model, plan)``.
 
@@ -41,7 +46,12 @@ def prune(
     ``ratio=0.2`` removes 20 % of every layer's neurons (``ratio=0`` none, without calibrating); ``reverse`` removes
     the highest-scoring ones. ``policy`` (``minigpt.policy.Policy``) replaces the MLP keywords and adds heads,
     hidden channels, layers and the ``target_params`` budget.
+    ``select="obs"``: the metric sets how many neurons each layer keeps, greedy OBS which (``minigpt.compensate``);
+    ``compensate`` (none, bias, lstsq) refits each down_proj on the kept neurons. Both need Gram statistics
+    (calibrated here with them when ``stats`` is not given).
     """
+    if compensate != "none" or select == "obs":
+        calibration = {**(calibration or {}), "gram": True}
     if policy is not None:
         policy.check_model(model)
         kw = policy.mlp_keywords()
@@ -53,6 +63,9 @@ def prune(
             policy = allocate(stats, model, policy, importance.scores(metric, stats=stats, model=model, seed=seed))
             ratio = policy.mlp
     keeps_all = ratio == 0  # no score removes a neuron: nothing to calibrate (vocabulary-only runs)
+    needs_gram = (compensate != "none" or select == "obs") and not keeps_all
+    if needs_gram:
+        stats = _stats(model, tokenizer, stats, data, backend, calibration)
     if pruning_plan is None:
         if metric == "selectivity" and reference is None and not keeps_all:
             if reference_data is None:
@@ -62,12 +75,22 @@ def prune(
             stats = _stats(model, tokenizer, stats, data, backend, calibration)
         pruning_plan = plan(stats, metric, threshold=threshold, ratio=ratio, scope=scope, multiple=multiple,
                             min_keep=min_keep, reverse=reverse, model=model, reference=reference, seed=seed)
+        if select == "obs" and not keeps_all:
+            pruning_plan.kept = obs_kept(model, stats, pruning_plan.kept_widths, damping)
+        pruning_plan.policy["select"] = select
         if policy is not None and policy.structural:
             kept = structure_plan(stats, model, policy)
             pruning_plan.heads, pruning_plan.hidden, pruning_plan.layers = kept.heads, kept.hidden, kept.layers
             pruning_plan.policy.update(heads=policy.heads, kv_groups=policy.kv_groups, hidden=policy.hidden,
                                        layers=policy.layers, layer_metric=policy.layer_metric)
-    return compact(model, pruning_plan, backend=backend), pruning_plan
+    elif select != "metric":
+        raise MiniGPTError("a given plan already selects the neurons: --select applies only when planning")
+    report = compensate_model(model, stats, pruning_plan.kept_tensors(), "none" if keeps_all else compensate,
+                              damping)
+    pruning_plan.policy["compensate"] = report
+    model = compact(model, pruning_plan, backend=backend)
+    mark_mlp_bias(model, report)
+    return model, pruning_plan
 
 
 def _stats(model, tokenizer, stats, data, backend, calibration) -> CalibrationStats:

@@ -12,7 +12,8 @@ import torch
 from minigpt import adapters
 from minigpt.errors import MiniGPTError
 
-FORMAT_VERSION = 2  # 2: ``sums`` of heads, hidden channels and layers (``minigpt.taps``); 1 still loads
+FORMAT_VERSION = 2  # 2: ``sums`` of heads, hidden channels and layers (``minigpt.taps``), optional Gram statistics
+READABLE_VERSIONS = (1, 2)  # version 1 files (neither) still load
 _VOLATILE_CONFIG_KEYS = {"transformers_version", "_name_or_path", "torch_dtype", "dtype", "architectures", "auto_map"}
 
 
@@ -54,6 +55,8 @@ class CalibrationStats:
     sum_abs, sum_sq: (N_l,) float64 – Σ|a| and Σa².   max_abs: (N_l,) float32 – max |a|.
     nonzero: (N_l,) int64 – active tokens (reference.active_ref).  token_counts: (V,) int64 – input-id histogram (padding ignored).
     tokens: tokens seen.   fingerprint: see ``fingerprint``.   meta: corpus description, backend, ...
+    gram: (N_l, N_l) float64 – Σ h hᵀ of the activations entering the output projection (down_proj), over the
+    first ``gram_tokens`` tokens; gram_sum: (N_l,) float64 – Σ h over the same tokens. None when not collected.
     """
 
     sum_abs: list[torch.Tensor]
@@ -65,11 +68,16 @@ class CalibrationStats:
     fingerprint: dict
     meta: dict = field(default_factory=dict)
     sums: dict[str, torch.Tensor] = field(default_factory=dict)  # float64 sums of other structures (minigpt.taps)
+    gram: list[torch.Tensor] | None = None
+    gram_sum: list[torch.Tensor] | None = None
+    gram_tokens: int = 0
 
     @classmethod
-    def empty(cls, fp: dict, device: str | torch.device = "cpu") -> CalibrationStats:
-        """Zero statistics for a model with fingerprint ``fp``."""
+    def empty(cls, fp: dict, device: str | torch.device = "cpu", gram: bool = False) -> CalibrationStats:
+        """Zero statistics for a model with fingerprint ``fp`` (with zero Gram matrices when ``gram``)."""
         ws = fp["mlp_widths"]
+        grams = ([torch.zeros(n, n, dtype=torch.float64, device=device) for n in ws],
+                 [torch.zeros(n, dtype=torch.float64, device=device) for n in ws]) if gram else (None, None)
         return cls(
             sum_abs=[torch.zeros(n, dtype=torch.float64, device=device) for n in ws],
             sum_sq=[torch.zeros(n, dtype=torch.float64, device=device) for n in ws],
@@ -78,18 +86,26 @@ class CalibrationStats:
             token_counts=torch.zeros(fp["vocab_size"], dtype=torch.int64, device=device),
             tokens=0,
             fingerprint=dict(fp),
+            gram=grams[0],
+            gram_sum=grams[1],
         )
 
     @property
     def num_layers(self) -> int:
         return len(self.sum_abs)
 
+    @property
+    def gram_bytes(self) -> int:
+        """Bytes the fp64 Gram totals take (0 when not collected)."""
+        return sum(g.numel() * g.element_size() for g in self.gram) if self.gram is not None else 0
+
     def to(self, device) -> CalibrationStats:
-        move = lambda ts: [t.to(device) for t in ts]
+        move = lambda ts: None if ts is None else [t.to(device) for t in ts]
         return CalibrationStats(
             move(self.sum_abs), move(self.sum_sq), move(self.max_abs), move(self.nonzero),
             self.token_counts.to(device), self.tokens, dict(self.fingerprint), dict(self.meta),
             {k: v.to(device) for k, v in self.sums.items()},
+            move(self.gram), move(self.gram_sum), self.gram_tokens,
         )
 
     def merge(self, other: CalibrationStats) -> CalibrationStats:
@@ -97,6 +113,8 @@ class CalibrationStats:
         check_fingerprint(self.fingerprint, other.fingerprint)
         o = other.to(self.token_counts.device)
         corpora = self.meta.get("corpora", [self.meta.get("corpus")]) + o.meta.get("corpora", [o.meta.get("corpus")])
+        both = self.gram is not None and o.gram is not None  # Gram sums only where both runs collected them
+        add = lambda xs, ys: [a + b for a, b in zip(xs, ys)] if both else None
         return CalibrationStats(
             [a + b for a, b in zip(self.sum_abs, o.sum_abs)],
             [a + b for a, b in zip(self.sum_sq, o.sum_sq)],
@@ -107,6 +125,7 @@ class CalibrationStats:
             dict(self.fingerprint),
             {**self.meta, "corpora": [c for c in corpora if c is not None]},
             {k: v + o.sums[k] for k, v in self.sums.items() if k in o.sums},
+            add(self.gram, o.gram), add(self.gram_sum, o.gram_sum), self.gram_tokens + o.gram_tokens if both else 0,
         )
 
     def mean(self, name: str) -> list[torch.Tensor]:
@@ -120,6 +139,9 @@ class CalibrationStats:
         for i in range(self.num_layers):
             for name in ("sum_abs", "sum_sq", "max_abs", "nonzero"):
                 out[f"layers.{i}.{name}"] = getattr(self, name)[i].cpu().contiguous()
+            if self.gram is not None:
+                out[f"layers.{i}.gram"] = self.gram[i].cpu().contiguous()
+                out[f"layers.{i}.gram_sum"] = self.gram_sum[i].cpu().contiguous()
         out.update({f"sums.{k}": v.cpu().contiguous() for k, v in self.sums.items()})
         return out
 
@@ -130,7 +152,7 @@ class CalibrationStats:
         from minigpt.io import atomic_file
 
         header = {"format_version": FORMAT_VERSION, "tokens": self.tokens, "fingerprint": self.fingerprint,
-                  "meta": self.meta}
+                  "meta": self.meta, "gram_tokens": self.gram_tokens}
         with atomic_file(path) as tmp:
             save_file(self.tensors(), str(tmp), metadata={"minigpt": json.dumps(header)})
 
@@ -158,6 +180,19 @@ class CalibrationStats:
         for layer, t in enumerate(self.nonzero):
             if bool((t < 0).any()) or bool((t > self.tokens).any()):
                 return f"nonzero counts of layer {layer} are outside [0, {self.tokens}]"
+        return None if self.gram is None else self._gram_inconsistency(widths)
+
+    def _gram_inconsistency(self, widths: list[int]) -> str | None:
+        if [tuple(g.shape) for g in self.gram] != [(n, n) for n in widths] or any(
+                g.dtype != torch.float64 for g in (*self.gram, *self.gram_sum)):
+            return f"the Gram matrices do not match the MLP widths {widths[:3]}... (float64)"
+        if [tuple(s.shape) for s in self.gram_sum] != [(n,) for n in widths]:
+            return "the Gram sums do not match the MLP widths"
+        if not 0 <= self.gram_tokens <= self.tokens:
+            return f"Gram tokens {self.gram_tokens} outside [0, {self.tokens}]"
+        for layer, g in enumerate(self.gram):
+            if not bool(torch.isfinite(g).all()) or bool((g.diagonal() < 0).any()):
+                return f"the Gram matrix of layer {layer} holds non-finite values or a negative diagonal"
         return None
 
     @classmethod
@@ -176,9 +211,12 @@ class CalibrationStats:
                 name: [tensors[f"layers.{i}.{name}"] for i in range(n)]
                 for name in ("sum_abs", "sum_sq", "max_abs", "nonzero")
             }
+            grams = {name: [tensors[f"layers.{i}.{name}"] for i in range(n)]
+                     for name in ("gram", "gram_sum")} if "layers.0.gram" in tensors else {}
             stats = cls(**per_layer, token_counts=tensors["token_counts"], tokens=header["tokens"],
                         fingerprint=header["fingerprint"], meta=header["meta"],
-                        sums={k.removeprefix("sums."): t for k, t in tensors.items() if k.startswith("sums.")})
+                        sums={k.removeprefix("sums."): t for k, t in tensors.items() if k.startswith("sums.")},
+                        **grams, gram_tokens=header.get("gram_tokens", 0))
             problem = stats.inconsistency()
         except (KeyError, TypeError, json.JSONDecodeError, OSError, RuntimeError, ValueError) as err:
             raise MiniGPTError(f"stats file {path} is corrupted or not a minigpt stats file ({type(err).__name__})")
@@ -186,9 +224,9 @@ class CalibrationStats:
             if type(err).__name__ == "SafetensorError":
                 raise MiniGPTError(f"stats file {path} is corrupted or truncated: {str(err).splitlines()[0]}")
             raise
-        if header.get("format_version") not in (1, FORMAT_VERSION):
+        if header.get("format_version") not in READABLE_VERSIONS:
             raise MiniGPTError(f"stats file {path} has format version {header.get('format_version')}, "
-                               f"expected {FORMAT_VERSION}")
+                               f"expected one of {READABLE_VERSIONS}")
         if problem is not None:
             raise MiniGPTError(f"stats file {path} is corrupted: {problem}")
         return stats

@@ -109,3 +109,9 @@ def assert_stats_equal(a: CalibrationStats, b: CalibrationStats, exact: bool) ->
                 assert torch.equal(x, y), name
             else:
                 torch.testing.assert_close(x, y, rtol=2e-6, atol=1e-6), name
+    assert a.gram_tokens == b.gram_tokens and (a.gram is None) == (b.gram is None)
+    for x, y in zip([*(a.gram or ()), *(a.gram_sum or ())], [*(b.gram or ()), *(b.gram_sum or ())]):
+        if exact:
+            assert torch.equal(x, y), "gram"
+        else:
+            torch.testing.assert_close(x, y, rtol=2e-6, atol=1e-5 * float(x.abs().max())), "gram"
