@@ -80,13 +80,15 @@ def layer_stats(model, layer: int, hidden: list[torch.Tensor], calls: list[list[
         for states, call in zip(hidden, calls):
             accum.collect_gram = gram_tokens is None or stats.gram_tokens < gram_tokens
             _run_block(block, states, call[layer])
-            accum.check_finite(layer)
             accum.fold_into(stats, 0)
             tokens = states.shape[0] * states.shape[1]
             stats.tokens += tokens
             stats.gram_tokens += tokens if accum.collect_gram else 0
     finally:
         handle.remove()
+    if not torch.isfinite(stats.sum_abs[0].sum() + stats.sum_sq[0].sum()):
+        raise MiniGPTError(f"non-finite activations (NaN or inf) in MLP layer {layer}; stopping, nothing saved "
+                           "(check the weights and --dtype)")
     return stats
 
 
