@@ -70,9 +70,11 @@ def _add_eval_args(p: argparse.ArgumentParser, data_flag: str) -> None:
 
 
 def _multiple(text: str) -> int | str:
-    if text == "auto" or (text.isdigit() and int(text) >= 1):
+    """``auto`` or an integer (its range is checked with the other options, ``minigpt.options``)."""
+    try:
         return text if text == "auto" else int(text)
-    raise argparse.ArgumentTypeError(f"must be 'auto' or a positive integer, got {text!r}")
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be 'auto' or a positive integer, got {text!r}") from None
 
 
 def build_parser() -> argparse.ArgumentParser:

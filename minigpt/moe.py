@@ -65,7 +65,7 @@ def moe_layers(model) -> list[MoELayer]:
             for i, block in enumerate(model.base_model.layers) if hasattr(block.mlp, "experts")]
 
 
-def _width_key(config) -> str:
+def expert_width_key(config) -> str:
     """The config key of the experts' width: ``moe_intermediate_size`` (Qwen) or ``intermediate_size``."""
     return "moe_intermediate_size" if hasattr(config, "moe_intermediate_size") else "intermediate_size"
 
@@ -483,7 +483,7 @@ def prune_moe(model, plan: MoEPlan):
     config = model.config
     config.num_experts = counts.pop()  # the attribute map points it at num_local_experts where that is the key
     if widths:
-        setattr(config, _width_key(config), widths.pop())
+        setattr(config, expert_width_key(config), widths.pop())
     if plan.shared:
         config.shared_expert_intermediate_size = len(plan.shared[0])
     return model

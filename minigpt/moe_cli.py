@@ -89,6 +89,7 @@ def _perplexity(model, tokenizer, args) -> dict:
 def run_prune(args, source, out: Path, load) -> None:
     """The prune command on a MoE model; ``load(args) -> (model, tokenizer)`` is the CLI's loader."""
     from minigpt.io import atomic_dir, save_model
+    from minigpt.planning import auto_multiple
 
     _check(args, source)
     stats = moe.MoEStats.load(args.expert_stats) if args.expert_stats else None
@@ -97,8 +98,11 @@ def run_prune(args, source, out: Path, load) -> None:
         stats = moe.calibrate_moe(model, tokenizer, args.data, max_tokens=args.max_tokens, seq_len=args.seq_len,
                                   batch_size=args.batch_size, text_field=args.text_field, doc_tokens=args.doc_tokens,
                                   backend=args.backend)
+    multiple = args.multiple
+    if multiple == "auto":  # 32 (GGUF blocks) where the expert width allows it, as for dense MLPs
+        multiple = auto_multiple([getattr(model.config, moe.expert_width_key(model.config))])
     plan = moe.plan_moe(stats, args.experts, args.expert_criterion, args.expert_neurons, metric=args.metric,
-                        multiple=math.lcm(args.multiple, moe.EXPERT_WIDTH_MULTIPLE))
+                        multiple=math.lcm(multiple, moe.EXPERT_WIDTH_MULTIPLE))
     before = None if args.no_eval else _perplexity(model, tokenizer, args)
     params_before = moe.moe_parameter_counts(model)
     moe.prune_moe(model, plan)

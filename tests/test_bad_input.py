@@ -277,7 +277,7 @@ def test_a_few_undecodable_bytes_only_warn(model_dir, tmp_path, caplog):
 @pytest.mark.parametrize("flags, match", [
     (("--heads", "1.5"), "--heads must be a fraction in [0, 1)"),
     (("--hidden", "-0.1"), "--hidden must be a fraction"),
-    (("--mlp", "1.0"), "--mlp (--ratio): ratio must be in [0, 1)"),
+    (("--mlp", "1.0"), "--ratio must be in [0, 1)"),
     (("--layers", "-1"), "--layers must be a number"),
     (("--target-params", "1.2"), "--target-params must be the fraction"),
     (("--target-params", "0.7", "--mlp", "0.1"), "--target-params chooses the MLP and head amounts"),
