@@ -23,7 +23,6 @@ from torch import nn
 
 from minigpt.architecture import Architecture, Group, describe, norm_offset, text_config
 from minigpt.errors import MiniGPTError
-from minigpt.modeling_minigpt import sync_shapes
 
 WIDTH_KEYS = ("intermediate_size", "ffn_dim", "n_inner")
 HIDDEN_KEYS = ("hidden_size", "word_embed_proj_dim")
@@ -245,4 +244,6 @@ def shrink(model, kept: Kept, gather) -> None:
         _set_head_dim(model, cfg, arch.layers[0].head_dim, before)
     if kept.layers is not None:
         _drop_layers(model, arch, kept.layers)
+    from minigpt.modeling_minigpt import sync_shapes  # builds transformers classes: imported when used
+
     sync_shapes(model)
