@@ -122,7 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--scope", default="uniform", choices=("uniform", "global"), help="how --ratio is spread")
     pr.add_argument("--multiple", type=_multiple, default="auto",
                     help="round kept widths up to a multiple: 'auto' (default) = 32, the block of GGUF Q8_0/Q4_0, "
-                         "when the model's widths are multiples of 32; 64/128 for tensor cores; 1 = exact")
+                         "when the model's widths are multiples of 32 and ≥ 256; 64/128 for tensor cores; 1 = exact")
     pr.add_argument("--min-keep", type=float, default=0.0, help="keep at least this fraction of every layer")
     pr.add_argument("--vocab", action="store_true", help="also drop the tokens the domain uses least: the fewest "
                     "kept whose held-out bits per byte rise by at most --vocab-max-increase (README: Vocabulary)")

@@ -92,8 +92,10 @@ QUANT_MULTIPLE = 32
 
 def auto_multiple(widths: list[int]) -> int:
     """``multiple="auto"``: 32 when every original width is a multiple of 32 (the model is quantisable and pruning
-    keeps it so), otherwise 1 (the model's own widths are not block-aligned; rounding could not make them so)."""
-    return QUANT_MULTIPLE if all(w % QUANT_MULTIPLE == 0 for w in widths) else 1
+    keeps it so) and at least 8 blocks wide (a step of at most 1/8 of the width: a 32-wide expert would otherwise
+    keep everything), otherwise 1 (rounding could not align the widths, or would swallow the ratio)."""
+    ok = all(w % QUANT_MULTIPLE == 0 and w >= 8 * QUANT_MULTIPLE for w in widths)
+    return QUANT_MULTIPLE if ok else 1
 
 
 def _round_up(n: int, multiple: int, cap: int) -> int:

@@ -111,7 +111,8 @@ def test_cli_finetune_reaches_source_perplexity(tiny_tokenizer, corpus_dir, tmp_
     finetune(source, tiny_tokenizer, data, heldout, max_steps=10, learning_rate=3e-3, **SMALL)  # a model to damage
     source.save_pretrained(src)
     tiny_tokenizer.save_pretrained(src)
-    assert main(["prune", "--model", str(src), "--metric", "maw", "--threshold", "0.9", "--out", str(pruned),
+    assert main(["prune", "--model", str(src), "--metric", "maw", "--threshold", "0.9", "--compensate", "none",
+                 "--out", str(pruned),
                  "--eval-data", heldout, "--eval-tokens", "512", "--eval-seq-len", "128", "--no-progress"]) == 0
     assert len(set(json.loads((pruned / "minigpt_plan.json").read_text())["kept_widths"])) == 2  # per-layer widths
     capsys.readouterr()
