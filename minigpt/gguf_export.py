@@ -186,7 +186,7 @@ def run(args) -> None:
     if not source.is_dir():
         raise MiniGPTError(f"--model {source} is not a model directory")
     config = json.loads((source / "config.json").read_text()) if (source / "config.json").exists() else {}
-    if "block_configs" in config or "minigpt_mlp_widths" in config:
+    if "block_configs" in config or "minigpt_shapes" in config:
         raise MiniGPTError(f"cannot export {source} to GGUF: it has per-layer MLP widths; {PER_LAYER_REFUSAL}")
     model, tokenizer = load_model(source)
     report = export_gguf(model, tokenizer, out, qtype=args.type, pre_tokenizer=args.pre_tokenizer, source_dir=source)
