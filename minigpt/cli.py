@@ -430,7 +430,7 @@ def cmd_prune(args) -> None:
                   f"({vocab_report['embedding_params_saved']:,} embedding parameters saved)")
             if "increase_pct" in vocab_report:
                 held = vocab_report["heldout"]
-                print(f"vocabulary size chosen for held-out bits per byte +{vocab_report['increase_pct']:.2f}% "
+                print(f"vocabulary size chosen for held-out bits per byte {vocab_report['increase_pct']:+.2f}% "
                       f"(bound {vocab_report['max_increase_pct']:g}%) on {held['bytes']:,} bytes of {held['data']} "
                       f"({held['documents']} documents), counted over {vocab_report['counted_tokens']:,} tokens")
         print()
