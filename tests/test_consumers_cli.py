@@ -24,8 +24,9 @@ def test_auto_multiple_keeps_widths_whole_quantisation_blocks():
 
 
 def test_cli_multiple_option_is_checked(capsys):
+    """A word other than auto is refused by the parser; a number's range by the options check (test_bad_input)."""
     with pytest.raises(SystemExit):
-        main(["prune", "--multiple", "0", "--out", "x"])
+        main(["prune", "--multiple", "half", "--out", "x"])
     assert "must be 'auto' or a positive integer" in capsys.readouterr().err
 
 
