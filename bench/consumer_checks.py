@@ -10,6 +10,7 @@ client's own message (the last line of the error).
 from __future__ import annotations
 
 import gc
+import itertools
 import json
 import os
 import sys
@@ -61,9 +62,11 @@ def check_llamacpp(ref: dict) -> dict:
                 break
         tokens.append(out)
     loaded_q8 = Llama(model_path=ref["gguf"]["q8_0"], n_ctx=256, n_threads=1, verbose=False)
-    q8_tokens = list(loaded_q8.generate(ref["prompt_ids"][0], top_k=1, temp=0.0, repeat_penalty=1.0))
+    q8_stream = loaded_q8.generate(ref["prompt_ids"][0], top_k=1, top_p=1.0, temp=0.0, repeat_penalty=1.0)
+    q8_tokens = [int(t) for t in itertools.islice(q8_stream, ref["new_tokens"])]  # generate() never ends by itself
     return {"exported": True, "tokens": tokens, "greedy_equal": tokens == ref["greedy"],
             "prompt_ids_equal": encoded == ref["prompt_ids"], "q8_0_loads": bool(q8_tokens),
+            "q8_0_greedy_equal_first_prompt": q8_tokens == ref["greedy"][0],
             "gguf_bytes": ref["gguf_bytes"]}
 
 
