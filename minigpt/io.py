@@ -107,22 +107,25 @@ def atomic_dir(dest: str | os.PathLike, overwrite: bool = False):
 
 @contextlib.contextmanager
 def atomic_file(dest: str | os.PathLike):
-    """Yield a temporary path beside ``dest``; it replaces ``dest`` (flushed to disk) only if the block succeeds."""
+    """Yield a temporary path beside ``dest``; it replaces ``dest`` (flushed to disk) only if the block succeeds.
+
+    The temporary lives in a private directory named after ``dest``, so the writer's own temporaries (safetensors
+    writes a ``.tmpXXXXXX`` beside its target) are removed with it, also after a SIGKILL, on the next write.
+    """
     dest = Path(dest).resolve()
     dest.parent.mkdir(parents=True, exist_ok=True)
     _remove_stale_partials(dest)
-    fd, tmp = tempfile.mkstemp(prefix=f"{_partial_prefix(dest)}{os.getpid()}-", dir=dest.parent)
-    os.close(fd)
+    tmp_dir = Path(tempfile.mkdtemp(prefix=f"{_partial_prefix(dest)}{os.getpid()}-", dir=dest.parent))
+    tmp = tmp_dir / dest.name
     try:
         with _write_errors(dest):
-            yield Path(tmp)
+            yield tmp
             with open(tmp, "rb+") as f:
                 os.fsync(f.fileno())
             os.replace(tmp, dest)
         FINISHED.append(dest)
     finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
+        shutil.rmtree(tmp_dir, ignore_errors=True)
 
 
 def default_model_path() -> Path:

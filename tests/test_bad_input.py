@@ -225,6 +225,25 @@ def test_interrupted_save(sig, medium_model, tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["out"] and json.loads((out / "minigpt_plan.json").read_text())
 
 
+def test_killed_file_write_leaves_nothing_after_the_next_write(tmp_path):
+    """A writer killed inside ``atomic_file`` leaves its temporaries, including the library's own (safetensors
+    writes a ``.tmpXXXXXX`` beside its target), all inside one hidden partial directory the next write removes."""
+    from safetensors.torch import save_file
+
+    from minigpt.io import atomic_file
+
+    out = tmp_path / "stats.safetensors"
+    killed = subprocess.run([sys.executable, "-c", (
+        "import os, sys; from pathlib import Path; from minigpt.io import atomic_file\n"
+        "with atomic_file(sys.argv[1]) as tmp:\n"
+        "    (tmp.parent / '.tmpABCDEF').write_bytes(b'half')  # where safetensors' own temporary goes\n"
+        "    os.kill(os.getpid(), 9)\n"), str(out)])
+    assert killed.returncode == -9 and [p.name for p in tmp_path.iterdir()][0].startswith(".stats.safetensors.partial-")
+    with atomic_file(out) as tmp:
+        save_file({"x": torch.ones(2)}, str(tmp))
+    assert [p.name for p in tmp_path.iterdir()] == ["stats.safetensors"]
+
+
 MISSING = ("--model", "/nonexistent/model", "--data", "/nonexistent/corpus")  # reached only if options pass
 
 
