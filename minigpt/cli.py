@@ -261,7 +261,7 @@ def _removed(plan) -> str:
             f"{100 * plan.removed_fraction:.3f}%; kept widths rounded up to multiples of {plan.policy.get('multiple', 1)})")
 
 
-def _prune_out_of_core(args, source: Path, out: Path, stats, given_plan, ratio) -> None:
+def _prune_out_of_core(args, source: Path, out: Path, stats, given_plan, policy) -> None:
     """``prune --out-of-core``: the safetensors checkpoint is rewritten shard by shard, never loaded (no eval)."""
     from minigpt.sharded import prune_checkpoint
 
@@ -269,15 +269,13 @@ def _prune_out_of_core(args, source: Path, out: Path, stats, given_plan, ratio) 
         raise MiniGPTError("--out-of-core needs --stats or --plan (calibrate first, e.g. under torchrun)")
     if args.vocab:
         raise MiniGPTError("--out-of-core does not prune the vocabulary")
-    _, plan, report = prune_checkpoint(
-        source, out, stats=stats, pruning_plan=given_plan, metric=args.metric, threshold=args.threshold,
-        ratio=ratio, scope=args.scope, multiple=args.multiple, min_keep=args.min_keep, reverse=args.reverse,
-        trust_remote_code=args.trust_remote_code)
+    _, plan, report = prune_checkpoint(source, out, stats=stats, pruning_plan=given_plan, metric=args.metric,
+                                       policy=policy, trust_remote_code=args.trust_remote_code)
     if args.json:
         print(json.dumps(report, indent=1))
         return
     sizes = report["weight_bytes"]
-    print(f"removed {_removed(plan)} out of core; saved to {out} "
+    print(f"removed {_removed(plan)}{_structures_line(plan)} out of core; saved to {out} "
           f"(weights {sizes['before'] / 2**20:,.1f} MiB -> {sizes['after'] / 2**20:,.1f} MiB)")
 
 
@@ -360,14 +358,14 @@ def cmd_prune(args) -> None:
                     target_params=args.target_params, seed=args.seed)
     if structural and args.threshold is None and ratio is None and args.target_params is None:
         policy = replace(policy, mlp=0.0)
-    if structural and (args.out_of_core or args.reverse):
-        raise MiniGPTError("--heads/--hidden/--layers/--target-params work in memory and without --reverse")
+    if structural and args.reverse:
+        raise MiniGPTError("--heads/--hidden/--layers/--target-params do not combine with --reverse")
     if structural and (args.max_ppl_increase is not None or args.sequential):
         raise MiniGPTError("--heads/--hidden/--layers/--target-params do not combine with --max-ppl-increase or "
                            "--sequential (MLP neurons only)")
     compensate = _compensation(args, stats, given_plan)
     if args.out_of_core:
-        return _prune_out_of_core(args, Path(source), out, stats, given_plan, ratio)
+        return _prune_out_of_core(args, Path(source), out, stats, given_plan, policy)
     model, tokenizer = _load(args)
     before = None if args.no_eval else _eval(model, tokenizer, args)
     reference = parameter_counts(model)["total"]

@@ -2,14 +2,17 @@
 
 The model is built on the meta device from its config (shapes only), planned and compacted there; then every
 shard is rewritten one tensor at a time: a positioned read of that tensor's bytes (so resident memory holds
-that tensor, not a whole-file map whose touched pages would all count), the MLP projections' dropped neurons
-removed, and the bytes streamed into a new shard of the same name whose header is computed beforehand. Peak
-memory is about two tensors (the largest projection and its pruned copy), not the model. The new directory
+that tensor, not a whole-file map whose touched pages would all count), the plan's cuts of that parameter applied
+(``minigpt.surgery.cuts``: MLP neurons, heads, hidden channels, with the RMSNorm and embedding rescales), and the
+bytes streamed into a new shard of the same name whose header is computed beforehand. Removed layers' tensors are
+left out and the remaining blocks renumbered in the shard keys and the index (a shard left empty is not written).
+Peak memory is about two tensors (the largest projection and its pruned copy), not the model. The new directory
 (shards, index, config, tokenizer, plan) is written atomically like ``save_pruned``'s.
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
@@ -19,7 +22,8 @@ from pathlib import Path
 
 import torch
 
-from minigpt import adapters
+from minigpt import surgery
+from minigpt.architecture import find_blocks
 from minigpt.errors import MiniGPTError
 from minigpt.trust import needs_remote_code
 
@@ -140,28 +144,32 @@ def skeleton(src: Path, trust_remote_code: bool = False):
     return model.eval(), tokenizer
 
 
-def neuron_params(model) -> dict[str, tuple[int, int]]:
-    """Parameter name → (layer, dimension indexed by that layer's MLP neurons), for every pruned projection."""
-    layout = adapters.get_layout(model)
-    names = {module: name for name, module in model.named_modules()}
-    out = {}
-    for layer, owner in enumerate(adapters.mlps(model)):
-        for side, projections in (("rows", layout.rows), ("cols", layout.cols)):
-            for proj in projections:
-                prefix = f"{names[getattr(owner, proj)]}."
-                out[prefix + "weight"] = (layer, adapters.neuron_dim(layout, side))
-                if side == "rows" and getattr(owner, proj).bias is not None:
-                    out[prefix + "bias"] = (layer, 0)
-    return out
+def layer_renames(model, kept_layers: list[int] | None) -> Callable[[str], str | None]:
+    """Stored name → its name once ``kept_layers`` alone stay (blocks renumbered), None for a removed block's."""
+    if kept_layers is None:
+        return lambda name: name
+    prefix = find_blocks(model)[0] + "."
+    new = {old: i for i, old in enumerate(kept_layers)}
+
+    def rename(name: str) -> str | None:
+        if not name.startswith(prefix):
+            return name
+        layer, _, rest = name[len(prefix):].partition(".")
+        return f"{prefix}{new[int(layer)]}.{rest}" if int(layer) in new else None
+
+    return rename
 
 
 def prune_checkpoint(src: str | os.PathLike, out: str | os.PathLike, *, stats=None, pruning_plan=None,
-                     metric: str = "l1", report: dict | None = None, trust_remote_code: bool = False, **policy):
+                     metric: str = "l1", policy=None, report: dict | None = None, trust_remote_code: bool = False):
     """Prune the safetensors checkpoint ``src`` into the new directory ``out`` without loading it.
 
-    Give a ``pruning_plan``, or ``stats`` with an activation ``metric`` and a policy (``ratio`` / ``threshold``,
-    ``scope``, ``multiple``, ``min_keep``). Every shard is checked before anything is written; returns
-    ``(out, plan, report)`` where the report holds the weight bytes before and after.
+    Give a ``pruning_plan``, or ``stats`` with an activation ``metric`` and a ``minigpt.policy.Policy`` (every
+    structure: MLP neurons, heads, hidden channels, layers; ``target_params``). The plan is made and applied on
+    the meta-device model, its per-parameter ``surgery.cuts`` then applied to each stored tensor, removed blocks'
+    tensors left out and the rest renumbered: the tensors of in-memory pruning without compensation. Every shard
+    is checked before anything is written; returns ``(out, plan, report)``, the report holding the weight bytes
+    before and after.
     """
     from minigpt.compact import save_pruned
     from minigpt.importance import STATS_METRICS
@@ -171,44 +179,50 @@ def prune_checkpoint(src: str | os.PathLike, out: str | os.PathLike, *, stats=No
     found, index = shards(src)
     model, tokenizer = skeleton(src, trust_remote_code)
     original = {k: list(v.shape) for k, v in model.state_dict().items()}
-    pruned = neuron_params(model)
     stored = {name: (shard, info) for shard in found for name, info in shard.tensors.items()}
     for name, (shard, (_, shape, _, _)) in stored.items():
         if name in original and shape != original[name]:
             raise MiniGPTError(f"checkpoint shard {shard.path} holds {name} of shape {shape}, the config {original[name]}")
-    missing = sorted(set(pruned) - set(stored))
-    if missing:
-        raise MiniGPTError(f"checkpoint {src} lacks the MLP weights {', '.join(missing[:3])}...")
     if pruning_plan is None and metric not in STATS_METRICS:
         raise MiniGPTError(f"out-of-core pruning takes a plan or an activation metric ({', '.join(STATS_METRICS)})")
     if pruning_plan is not None and pruning_plan.vocab is not None:
         raise MiniGPTError("vocabulary pruning is not supported out of core")
-    model, plan = prune(model, tokenizer, stats=stats, pruning_plan=pruning_plan, metric=metric, **policy)
-    kept = plan.kept_tensors()
+    unpruned = copy.deepcopy(model)  # meta: shapes only
+    model, plan = prune(model, tokenizer, stats=stats, pruning_plan=pruning_plan, metric=metric, policy=policy)
+    kept = plan.structures()
+    cuts = surgery.cuts(unpruned, kept)
+    first, canonical = {}, {}  # every name of a parameter (a tied LM head's too) → the name its cut is under
+    for name, param in unpruned.named_parameters(remove_duplicate=False):
+        canonical[name] = first.setdefault(id(param), name)
+    cut_of = {name: cuts[canonical[name]] for name in stored if canonical.get(name) in cuts}
+    missing = sorted(set(cuts) - {canonical[name] for name in cut_of})
+    if missing:
+        raise MiniGPTError(f"checkpoint {src} lacks the pruned weights {', '.join(missing[:3])}...")
+    rename = layer_renames(unpruned, kept.layers)
     sizes = {"before": sum(end - begin for _, _, begin, end in (info for _, info in stored.values()))}
 
     def new_shape(name: str, shape: list[int]) -> list[int]:
-        if name not in pruned:
-            return shape
-        layer, dim = pruned[name]
-        return [len(kept[layer]) if d == dim else n for d, n in enumerate(shape)]
+        index = cut_of[name].index if name in cut_of else {}
+        return [len(index[d]) if d in index else n for d, n in enumerate(shape)]
 
     def write_weights(tmp: Path) -> None:
-        total = 0
+        total, weight_map = 0, {}
         for shard in found:
-            specs = {name: (dtype, new_shape(name, shape)) for name, (dtype, shape, _, _) in shard.tensors.items()}
+            names = {rename(name): name for name in shard.tensors if rename(name) is not None}  # new → stored
+            if not names and index is not None:  # every tensor of the shard belonged to removed blocks
+                continue
+            specs = {new: (shard.tensors[old][0], new_shape(old, shard.tensors[old][1])) for new, old in names.items()}
             with open(shard.path, "rb") as f:
 
-                def read(name: str, shard=shard, f=f) -> torch.Tensor:
-                    t = shard.read(f, name)
-                    if name not in pruned:
-                        return t
-                    layer, dim = pruned[name]
-                    return t.index_select(dim, kept[layer])
+                def read(new: str, shard=shard, f=f, names=names) -> torch.Tensor:
+                    t = shard.read(f, names[new])
+                    return cut_of[names[new]].apply(t) if names[new] in cut_of else t
 
                 total += write_shard(tmp / shard.path.name, specs, read, shard.metadata)
+            weight_map.update(dict.fromkeys(names, shard.path.name))
         if index is not None:
-            new_index = {**index, "metadata": {**index.get("metadata", {}), "total_size": total}}
+            new_index = {**index, "metadata": {**index.get("metadata", {}), "total_size": total},
+                         "weight_map": weight_map}
             (tmp / INDEX).write_text(json.dumps(new_index, indent=2))
         sizes["after"] = total
 
