@@ -7,7 +7,9 @@ Model specs: a saved directory or ``.gguf`` file, ``default`` (SmolLM2-135M), or
 (``tiny-llama``, ``llama-3.2-1b``, ``llama-3.1-8b``: random-initialised in code, no download), each optionally
 suffixed ``@RATIO[/MULTIPLE]``: remove that fraction of every layer's MLP neurons (uniform), kept widths rounded
 up to MULTIPLE. The neurons removed are those with the smallest weight magnitude (L2 norm of all weights
-touching the neuron); speed and memory depend only on the widths, not on which neurons go.
+touching the neuron); speed and memory depend only on the widths, not on which neurons go. ``@params=KEEP``
+instead keeps that fraction of the parameters by ``prune --target-params``'s rule (``minigpt.policy``: MLP
+neurons and query heads), ranked by statistics of two seeded random-token sequences of 256 (``budget_prune``).
 
 Memory: on CUDA ``torch.cuda.max_memory_allocated`` over the call (``peak_bytes``, weights included) and its
 increase over the allocation before the call (``increase_bytes``). On CPU the process's resident set size,
@@ -46,22 +48,25 @@ NAMED_CONFIGS = {
     "llama-3.1-8b": dict(_LLAMA3, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
                          tie_word_embeddings=False),
 }
-_SUFFIX = re.compile(r"^(?P<ratio>\d*\.?\d+)(?:/(?P<multiple>\d+))?$")
+_SUFFIX = re.compile(r"^(?P<budget>params=)?(?P<ratio>\d*\.?\d+)(?:/(?P<multiple>\d+))?$")
 TOKEN_RANGE = 256
 
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """A model to benchmark: ``base`` (path, ``default`` or a named shape), pruned by ``ratio`` if given."""
+    """A model to benchmark: ``base`` (path, ``default`` or a named shape), pruned by ``ratio`` (MLP) or to
+    ``target_params`` (the parameter budget) if given."""
 
     text: str
     base: str
     ratio: float | None = None
     multiple: int | None = None  # None: not given (1, or each ablation multiple)
+    target_params: float | None = None
 
     @classmethod
     def parse(cls, text: str) -> ModelSpec:
-        """``BASE[@RATIO[/MULTIPLE]]``; one-line error for an unknown base or a bad suffix."""
+        """``BASE[@RATIO[/MULTIPLE]]`` or ``BASE@params=KEEP[/MULTIPLE]``; one-line error for an unknown base or a
+        bad suffix."""
         base, at, suffix = text.rpartition("@")
         if not at or Path(text).exists():
             base, suffix = text, None
@@ -72,8 +77,12 @@ class ModelSpec:
         match = _SUFFIX.match(suffix)
         ratio = float(match["ratio"]) if match else -1.0
         multiple = int(match["multiple"]) if match and match["multiple"] else None
-        if not (0.0 <= ratio < 1.0 and (multiple is None or multiple >= 1)):
-            raise MiniGPTError(f"model {text!r}: pruning suffix must be @RATIO[/MULTIPLE], 0 <= RATIO < 1, MULTIPLE >= 1")
+        budget = bool(match and match["budget"])
+        if not ((0.0 < ratio if budget else 0.0 <= ratio) and ratio < 1.0 and (multiple is None or multiple >= 1)):
+            raise MiniGPTError(f"model {text!r}: pruning suffix must be @RATIO[/MULTIPLE] (0 <= RATIO < 1) or "
+                               f"@params=KEEP[/MULTIPLE] (0 < KEEP < 1), MULTIPLE >= 1")
+        if budget:
+            return cls(text, base, multiple=multiple, target_params=ratio)
         return cls(text, base, ratio, multiple)
 
 
@@ -122,7 +131,22 @@ def load(spec: ModelSpec, device: str, dtype: torch.dtype, trust_remote_code: bo
         policy = {"scores": "weight_l2", "ratio": spec.ratio, "scope": "uniform", "multiple": multiple}
         plan = plan_from_scores(magnitude_scores(model), ratio=spec.ratio, multiple=multiple, policy=policy)
         model, _ = prune(model, pruning_plan=plan)
+    if spec.target_params:
+        model = budget_prune(model, spec.target_params, spec.multiple or 1)
     return model.eval()
+
+
+def budget_prune(model, keep: float, multiple: int = 1):
+    """``model`` pruned to ``keep`` of its parameters by the ``target_params`` rule, ranked by the statistics of two
+    seeded random-token sequences of 256 (which neurons and heads go does not change speed or memory)."""
+    from minigpt.calibration import run_batches
+    from minigpt.pipeline import prune
+    from minigpt.policy import Policy
+    from minigpt.stats import CalibrationStats, fingerprint
+
+    ids = torch.randint(TOKEN_RANGE, (2, 256), generator=torch.Generator().manual_seed(0))
+    stats = run_batches(model, [ids], CalibrationStats.empty(fingerprint(model)), progress=False)
+    return prune(model, stats=stats, policy=Policy(target_params=keep, multiple=multiple))[0]
 
 
 def _sync(device: str) -> None:
@@ -312,7 +336,7 @@ def _vllm(spec: ModelSpec, model, ids: torch.Tensor, dtype: torch.dtype, setting
     from minigpt.compact import save_pruned
     from minigpt.io import default_model_path
 
-    if spec.ratio is None and spec.base not in NAMED_CONFIGS:
+    if spec.ratio is None and spec.target_params is None and spec.base not in NAMED_CONFIGS:
         path = default_model_path() if spec.base == "default" else Path(spec.base)
         return vllm_bench.measure(path, ids, dtype=dtype, summary=summary, **settings)
     with tempfile.TemporaryDirectory() as tmp:
