@@ -261,7 +261,7 @@ def _removed(plan) -> str:
             f"{100 * plan.removed_fraction:.3f}%; kept widths rounded up to multiples of {plan.policy.get('multiple', 1)})")
 
 
-def _prune_out_of_core(args, source: Path, out: Path, stats, given_plan, policy) -> None:
+def _prune_out_of_core(args, source: Path, out: Path, stats, given_plan, policy, compensate: str) -> None:
     """``prune --out-of-core``: the safetensors checkpoint is rewritten shard by shard, never loaded (no eval)."""
     from minigpt.sharded import prune_checkpoint
 
@@ -270,7 +270,8 @@ def _prune_out_of_core(args, source: Path, out: Path, stats, given_plan, policy)
     if args.vocab:
         raise MiniGPTError("--out-of-core does not prune the vocabulary")
     _, plan, report = prune_checkpoint(source, out, stats=stats, pruning_plan=given_plan, metric=args.metric,
-                                       policy=policy, trust_remote_code=args.trust_remote_code)
+                                       policy=policy, trust_remote_code=args.trust_remote_code,
+                                       compensate=compensate, damping=args.damping)
     if args.json:
         print(json.dumps(report, indent=1))
         return
@@ -287,8 +288,11 @@ def _compensation(args, stats, given_plan) -> str:
     what = f"--compensate {args.compensate}" if args.select != "obs" else "--select obs"
     if refits and args.no_gram:
         raise MiniGPTError(f"{what} needs the Gram statistics that --no-gram turns off")
-    if refits and args.out_of_core:
-        raise MiniGPTError(f"{what} is not available with --out-of-core (it refits weights in memory)")
+    if args.select == "obs" and args.out_of_core:
+        raise MiniGPTError("--select obs is not available with --out-of-core (OBS picks neurons from every layer's "
+                           "weights while planning, before any shard is read)")
+    if refits and args.out_of_core and stats is None:
+        raise MiniGPTError(f"{what} with --out-of-core needs --stats holding Gram statistics")
     if refits and stats is not None and stats.gram is None:
         raise MiniGPTError(f"{what} needs Gram statistics; {args.stats} has none (calibrate without --no-gram)")
     if args.max_ppl_increase is not None and (given_plan is not None or args.out_of_core or args.sequential):
@@ -305,7 +309,7 @@ def _compensation(args, stats, given_plan) -> str:
                            f"not {args.metric}")
     if args.compensate != "auto":
         return args.compensate
-    no_gram = args.no_gram or args.out_of_core or (stats.gram is None if stats is not None else given_plan is not None)
+    no_gram = args.no_gram or (stats.gram is None if stats is not None else given_plan is not None)
     return "none" if no_gram else "lstsq"
 
 
@@ -365,7 +369,7 @@ def cmd_prune(args) -> None:
                            "--sequential (MLP neurons only)")
     compensate = _compensation(args, stats, given_plan)
     if args.out_of_core:
-        return _prune_out_of_core(args, Path(source), out, stats, given_plan, policy)
+        return _prune_out_of_core(args, Path(source), out, stats, given_plan, policy, compensate)
     model, tokenizer = _load(args)
     before = None if args.no_eval else _eval(model, tokenizer, args)
     reference = parameter_counts(model)["total"]

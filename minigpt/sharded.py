@@ -160,16 +160,83 @@ def layer_renames(model, kept_layers: list[int] | None) -> Callable[[str], str |
     return rename
 
 
+class Refit:
+    """Out-of-core compensation: each layer's output projection (down_proj) refitted on its kept neurons when first
+    read, as ``minigpt.compensate.compensate_layer`` does in memory before compaction (then the same cuts apply).
+
+    ``source(name, t)`` gives a stored tensor's value before its cut; ``added`` the bias tensors compensation
+    creates (the ``mlp_bias`` slot: zero gate/up biases and the fitted down bias), each placed after its weight.
+    """
+
+    def __init__(self, model, stats, kept: list[torch.Tensor], method: str, damping: float, read: Callable):
+        from minigpt import adapters, compensate
+
+        self.slot = compensate.bias_slot(model)
+        if method == "bias" and self.slot == "none":
+            raise MiniGPTError(f"--compensate bias: {model.config.model_type} has no MLP output bias to hold it "
+                               "(use lstsq, which refits without one)")
+        compensate.moments(stats, 0, centred=False)  # refuses statistics without Gram matrices, before any read
+        layout = adapters.get_layout(model)
+        names = {module: name for name, module in model.named_modules()}
+        self.stats, self.kept, self.method, self.damping, self.read = stats, kept, method, damping, read
+        self.dim = adapters.neuron_dim(layout, "cols")
+        self.down, self.added = {}, {}  # down weight name → layer;  weight name → [(bias name, value(layer))]
+        for layer, mlp in enumerate(adapters.mlps(model)):
+            down = names[getattr(mlp, layout.cols[0])]
+            self.down[f"{down}.weight"] = layer
+            if self.slot != "mlp_bias":
+                continue
+            for proj in (*layout.rows, *layout.cols):
+                prefix = names[getattr(mlp, proj)]
+                if proj in layout.cols:
+                    self.added[f"{prefix}.weight"] = (f"{prefix}.bias", layer, None)
+                else:
+                    self.added[f"{prefix}.weight"] = (f"{prefix}.bias", layer, getattr(mlp, proj).weight.shape[0])
+        self._cache: tuple[int, tuple] | None = None
+
+    def refitted(self, layer: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``(weight, bias to add)`` of layer ``layer``'s down_proj in its stored layout and dtype."""
+        from minigpt import compensate
+
+        if self._cache is None or self._cache[0] != layer:
+            name = next(n for n, i in self.down.items() if i == layer)
+            t = self.read(name)
+            m, mu = compensate.moments(self.stats, layer, centred=self.slot != "none")
+            new_k, bias = compensate.refit(t.movedim(self.dim, 1), m, mu if self.slot != "none" else None,
+                                           self.kept[layer], self.method, self.damping)
+            full = torch.zeros(new_k.shape[0], t.shape[self.dim], dtype=torch.float64)
+            full[:, self.kept[layer]] = new_k
+            self._cache = layer, (full.to(t.dtype).movedim(1, self.dim),
+                                  None if bias is None else bias.to(t.dtype))
+        return self._cache[1]
+
+    def source(self, name: str, t: torch.Tensor) -> torch.Tensor:
+        """The value of stored tensor ``name`` (``t``) after compensation, before its cut."""
+        if name in self.down:
+            return self.refitted(self.down[name])[0]
+        if self.slot == "down" and name.removesuffix(".bias") + ".weight" in self.down:
+            bias = self.refitted(self.down[name.removesuffix(".bias") + ".weight"])[1]
+            return t + bias
+        return t
+
+    def new(self, bias: tuple, dtype: torch.dtype) -> torch.Tensor:
+        """An added bias: zeros of ``width`` (gate/up), or the fitted down bias (width None)."""
+        _, layer, width = bias
+        return self.refitted(layer)[1] if width is None else torch.zeros(width, dtype=dtype)
+
+
 def prune_checkpoint(src: str | os.PathLike, out: str | os.PathLike, *, stats=None, pruning_plan=None,
-                     metric: str = "l1", policy=None, report: dict | None = None, trust_remote_code: bool = False):
+                     metric: str = "l1", policy=None, report: dict | None = None, trust_remote_code: bool = False,
+                     compensate: str = "none", damping: float = 0.01):
     """Prune the safetensors checkpoint ``src`` into the new directory ``out`` without loading it.
 
     Give a ``pruning_plan``, or ``stats`` with an activation ``metric`` and a ``minigpt.policy.Policy`` (every
     structure: MLP neurons, heads, hidden channels, layers; ``target_params``). The plan is made and applied on
     the meta-device model, its per-parameter ``surgery.cuts`` then applied to each stored tensor, removed blocks'
-    tensors left out and the rest renumbered: the tensors of in-memory pruning without compensation. Every shard
-    is checked before anything is written; returns ``(out, plan, report)``, the report holding the weight bytes
-    before and after.
+    tensors left out and the rest renumbered: the tensors of in-memory pruning. ``compensate`` (bias, lstsq) refits
+    each down_proj from ``stats``' Gram matrices as it is read (``Refit``) when the plan removes MLP neurons. Every
+    shard is checked before anything is written; returns ``(out, plan, report)``, the report holding the weight
+    bytes before and after.
     """
     from minigpt.compact import save_pruned
     from minigpt.importance import STATS_METRICS
@@ -187,6 +254,8 @@ def prune_checkpoint(src: str | os.PathLike, out: str | os.PathLike, *, stats=No
         raise MiniGPTError(f"out-of-core pruning takes a plan or an activation metric ({', '.join(STATS_METRICS)})")
     if pruning_plan is not None and pruning_plan.vocab is not None:
         raise MiniGPTError("vocabulary pruning is not supported out of core")
+    if compensate != "none" and stats is None:
+        raise MiniGPTError(f"--compensate {compensate} out of core needs --stats with Gram statistics")
     unpruned = copy.deepcopy(model)  # meta: shapes only
     model, plan = prune(model, tokenizer, stats=stats, pruning_plan=pruning_plan, metric=metric, policy=policy)
     kept = plan.structures()
@@ -194,29 +263,61 @@ def prune_checkpoint(src: str | os.PathLike, out: str | os.PathLike, *, stats=No
     first, canonical = {}, {}  # every name of a parameter (a tied LM head's too) → the name its cut is under
     for name, param in unpruned.named_parameters(remove_duplicate=False):
         canonical[name] = first.setdefault(id(param), name)
-    cut_of = {name: cuts[canonical[name]] for name in stored if canonical.get(name) in cuts}
-    missing = sorted(set(cuts) - {canonical[name] for name in cut_of})
+    missing = sorted(set(cuts) - {canonical.get(name) for name in stored})
     if missing:
         raise MiniGPTError(f"checkpoint {src} lacks the pruned weights {', '.join(missing[:3])}...")
+    refit = None
+    if compensate != "none" and kept.mlp is not None:
+        from minigpt.compensate import add_mlp_biases, mark_mlp_bias
+
+        refit = Refit(unpruned, stats, plan.kept_tensors(), compensate, damping, lambda name: read_stored(name))
+        plan.policy["compensate"] = {"method": compensate, "damping": damping if compensate == "lstsq" else None,
+                                     "bias": refit.slot, "gram_tokens": stats.gram_tokens}
+        if refit.slot == "mlp_bias":
+            add_mlp_biases(model)  # the pruned (meta) model's shapes: what the saved config describes
+            mark_mlp_bias(model, plan.policy["compensate"])
+            for weight, bias in refit.added.items():  # an added bias is cut like its weight's output rows
+                cut = cuts[weight].index if weight in cuts else {}
+                cuts[bias[0]] = surgery.Cut({0: cut[0]} if 0 in cut else {}, [])
     rename = layer_renames(unpruned, kept.layers)
     sizes = {"before": sum(end - begin for _, _, begin, end in (info for _, info in stored.values()))}
 
-    def new_shape(name: str, shape: list[int]) -> list[int]:
-        index = cut_of[name].index if name in cut_of else {}
-        return [len(index[d]) if d in index else n for d, n in enumerate(shape)]
+    def read_stored(name: str) -> torch.Tensor:
+        shard = stored[name][0]
+        with open(shard.path, "rb") as f:
+            return shard.read(f, name)
+
+    def entries(shard: Shard, f) -> dict[str, tuple[torch.dtype, list[int], Callable]]:
+        """Name → (dtype, shape before the cut, value before the cut) of what ``shard`` will hold (compensation's
+        added biases right after their weights)."""
+        out = {}
+        for name, (dtype, shape, _, _) in shard.tensors.items():
+            out[name] = dtype, shape, lambda name=name: (shard.read(f, name) if refit is None
+                                                        else refit.source(name, shard.read(f, name)))
+            if refit is not None and name in refit.added:
+                bias = refit.added[name]
+                out[bias[0]] = dtype, [bias[2] or shape[0]], lambda bias=bias, dtype=dtype: refit.new(bias, dtype)
+        return out
 
     def write_weights(tmp: Path) -> None:
         total, weight_map = 0, {}
         for shard in found:
-            names = {rename(name): name for name in shard.tensors if rename(name) is not None}  # new → stored
-            if not names and index is not None:  # every tensor of the shard belonged to removed blocks
-                continue
-            specs = {new: (shard.tensors[old][0], new_shape(old, shard.tensors[old][1])) for new, old in names.items()}
             with open(shard.path, "rb") as f:
+                values = entries(shard, f)
+                names = {rename(name): name for name in values if rename(name) is not None}  # new → stored
+                if not names and index is not None:  # every tensor of the shard belonged to removed blocks
+                    continue
+                specs = {}
+                for new, name in names.items():
+                    dtype, shape, _ = values[name]
+                    cut = cuts.get(canonical.get(name, name))
+                    specs[new] = dtype, [len(cut.index[d]) if cut and d in cut.index else n
+                                         for d, n in enumerate(shape)]
 
-                def read(new: str, shard=shard, f=f, names=names) -> torch.Tensor:
-                    t = shard.read(f, names[new])
-                    return cut_of[names[new]].apply(t) if names[new] in cut_of else t
+                def read(new: str, values=values, names=names) -> torch.Tensor:
+                    t = values[names[new]][2]()
+                    cut = cuts.get(canonical.get(names[new], names[new]))
+                    return cut.apply(t) if cut else t
 
                 total += write_shard(tmp / shard.path.name, specs, read, shard.metadata)
             weight_map.update(dict.fromkeys(names, shard.path.name))

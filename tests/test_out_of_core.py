@@ -154,6 +154,36 @@ def test_out_of_core_cli_structures_from_statistics(corpus_dir, tiny_tokenizer, 
                     == json.loads((tmp_path / f"ooc{i}" / name).read_text())), name
 
 
+
+@pytest.mark.parametrize("model_type, policy, slot", [
+    ("llama", ["--mlp", "0.25", "--heads", "0.5", "--hidden", "0.25", "--layers", "1", "--compensate", "auto"],
+     "mlp_bias"),  # biases added to gate/up/down, every structure cut
+    ("llama", ["--threshold", "0.3", "--compensate", "lstsq"], "mlp_bias"),  # per-layer widths: the modeling file
+    ("opt", ["--ratio", "0.25", "--compensate", "bias"], "down"),  # fc2's own bias
+    ("gpt2", ["--ratio", "0.25", "--hidden", "0.25", "--compensate", "lstsq"], "down"),  # Conv1D
+    ("qwen2", ["--ratio", "0.25", "--compensate", "lstsq"], "none")])  # no place for a bias
+def test_out_of_core_compensation_equals_in_memory(model_type, policy, slot, corpus_dir, tiny_tokenizer, tmp_path,
+                                                   capsys):
+    """Each down_proj refitted from the Gram statistics as it is read: the in-memory tensors, biases included."""
+    from test_structures import tiny
+
+    src = tmp_path / "src"
+    tiny(model_type).save_pretrained(src, max_shard_size="20KB")
+    tiny_tokenizer.save_pretrained(src)
+    stats = tmp_path / "stats.safetensors"
+    assert main(["calibrate", "--model", str(src), "--data", str(corpus_dir), "--seq-len", "32", "--max-tokens", "256",
+                 "--no-progress", "--out", str(stats)]) == 0
+    common = ["prune", "--model", str(src), "--stats", str(stats), *policy, "--multiple", "1", "--no-eval"]
+    assert main([*common, "--out", str(tmp_path / "mem")]) == 0
+    assert main([*common, "--out-of-core", "--out", str(tmp_path / "ooc")]) == 0
+    _same_weights(tmp_path / "mem", tmp_path / "ooc")
+    plans = [json.loads((tmp_path / d / "minigpt_plan.json").read_text()) for d in ("mem", "ooc")]
+    assert plans[0] == plans[1] and plans[1]["policy"]["compensate"]["bias"] == slot
+    assert plans[1]["policy"]["compensate"]["method"] == "lstsq" if "auto" in policy else policy[-1]
+    configs = [json.loads((tmp_path / d / "config.json").read_text()) for d in ("mem", "ooc")]
+    assert configs[0] == configs[1] and configs[1].get("mlp_bias", False) == (slot == "mlp_bias")
+
+
 MEASURE = """
 import json, sys
 import minigpt.cli, minigpt.compact, minigpt.pipeline, minigpt.sharded
