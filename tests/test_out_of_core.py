@@ -184,6 +184,29 @@ def test_out_of_core_compensation_equals_in_memory(model_type, policy, slot, cor
     assert configs[0] == configs[1] and configs[1].get("mlp_bias", False) == (slot == "mlp_bias")
 
 
+
+def test_out_of_core_refuses_what_the_description_lacks(tiny_tokenizer, tmp_path, capsys):
+    """OPT projecting its embeddings (word_embed_proj_dim ≠ hidden_size) has no describable hidden channels: one
+    line, exit 2, nothing written (the policy is checked on the meta-device model; tensors are read only while
+    writing)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from minigpt.stats import CalibrationStats, fingerprint
+
+    config = AutoConfig.for_model("opt", hidden_size=32, ffn_dim=48, num_hidden_layers=2, num_attention_heads=4,
+                                  word_embed_proj_dim=16, vocab_size=512, max_position_embeddings=64)
+    src = tmp_path / "src"
+    model = AutoModelForCausalLM.from_config(config)
+    model.save_pretrained(src)
+    tiny_tokenizer.save_pretrained(src)
+    CalibrationStats.empty(fingerprint(model, tiny_tokenizer)).save(tmp_path / "stats.safetensors")
+    capsys.readouterr()
+    assert main(["prune", "--model", str(src), "--stats", str(tmp_path / "stats.safetensors"), "--hidden", "0.25",
+                 "--out-of-core", "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "no describable hidden channels" in err[0] and not (tmp_path / "out").exists()
+
+
 MEASURE = """
 import json, sys
 import minigpt.cli, minigpt.compact, minigpt.pipeline, minigpt.sharded
