@@ -59,9 +59,10 @@ STRUCTURE_ARCHS = [("llama", True), ("qwen2", False), ("gpt2", False), ("gemma",
 
 def _both_ways(model, kept, tokenizer, tmp_path, shard_size="20KB"):
     """``(in-memory dir, out-of-core dir)`` of ``model`` pruned to ``kept`` (a plan given, no compensation)."""
+    from test_structures import plan_of
+
     import minigpt
     from minigpt.sharded import prune_checkpoint
-    from test_structures import plan_of
 
     src = tmp_path / "src"
     model.save_pretrained(src, max_shard_size=shard_size)
