@@ -22,8 +22,9 @@ from pathlib import Path
 
 import torch
 
-from minigpt import surgery
+from minigpt import adapters, surgery
 from minigpt.architecture import find_blocks
+from minigpt.compensate import DAMPING, add_mlp_biases, bias_slot, mark_mlp_bias, moments, refit
 from minigpt.errors import MiniGPTError
 from minigpt.trust import needs_remote_code
 
@@ -169,40 +170,32 @@ class Refit:
     """
 
     def __init__(self, model, stats, kept: list[torch.Tensor], method: str, damping: float, read: Callable):
-        from minigpt import adapters, compensate
-
-        self.slot = compensate.bias_slot(model)
+        self.slot = bias_slot(model)
         if method == "bias" and self.slot == "none":
             raise MiniGPTError(f"--compensate bias: {model.config.model_type} has no MLP output bias to hold it "
                                "(use lstsq, which refits without one)")
-        compensate.moments(stats, 0, centred=False)  # refuses statistics without Gram matrices, before any read
+        moments(stats, 0, centred=False)  # refuses statistics without Gram matrices, before any read
         layout = adapters.get_layout(model)
         names = {module: name for name, module in model.named_modules()}
         self.stats, self.kept, self.method, self.damping, self.read = stats, kept, method, damping, read
         self.dim = adapters.neuron_dim(layout, "cols")
-        self.down, self.added = {}, {}  # down weight name → layer;  weight name → [(bias name, value(layer))]
+        self.down = {}  # down_proj weight name → layer
+        self.added = {}  # weight name → (its new bias's name, layer, width: None for down_proj's fitted bias)
         for layer, mlp in enumerate(adapters.mlps(model)):
-            down = names[getattr(mlp, layout.cols[0])]
-            self.down[f"{down}.weight"] = layer
-            if self.slot != "mlp_bias":
-                continue
-            for proj in (*layout.rows, *layout.cols):
-                prefix = names[getattr(mlp, proj)]
-                if proj in layout.cols:
-                    self.added[f"{prefix}.weight"] = (f"{prefix}.bias", layer, None)
-                else:
-                    self.added[f"{prefix}.weight"] = (f"{prefix}.bias", layer, getattr(mlp, proj).weight.shape[0])
+            self.down[f"{names[getattr(mlp, layout.cols[0])]}.weight"] = layer
+            for proj in (*layout.rows, *layout.cols) if self.slot == "mlp_bias" else ():
+                module = getattr(mlp, proj)
+                width = None if proj in layout.cols else module.weight.shape[0]
+                self.added[f"{names[module]}.weight"] = (f"{names[module]}.bias", layer, width)
         self._cache: tuple[int, tuple] | None = None
 
     def refitted(self, layer: int) -> tuple[torch.Tensor, torch.Tensor | None]:
         """``(weight, bias to add)`` of layer ``layer``'s down_proj in its stored layout and dtype."""
-        from minigpt import compensate
-
         if self._cache is None or self._cache[0] != layer:
             name = next(n for n, i in self.down.items() if i == layer)
             t = self.read(name)
-            m, mu = compensate.moments(self.stats, layer, centred=self.slot != "none")
-            new_k, bias = compensate.refit(t.movedim(self.dim, 1), m, mu if self.slot != "none" else None,
+            m, mu = moments(self.stats, layer, centred=self.slot != "none")
+            new_k, bias = refit(t.movedim(self.dim, 1), m, mu if self.slot != "none" else None,
                                            self.kept[layer], self.method, self.damping)
             full = torch.zeros(new_k.shape[0], t.shape[self.dim], dtype=torch.float64)
             full[:, self.kept[layer]] = new_k
@@ -220,14 +213,14 @@ class Refit:
         return t
 
     def new(self, bias: tuple, dtype: torch.dtype) -> torch.Tensor:
-        """An added bias: zeros of ``width`` (gate/up), or the fitted down bias (width None)."""
+        """An added bias ``(name, layer, width)``: zeros of ``width`` (gate/up), or the fitted down bias (None)."""
         _, layer, width = bias
         return self.refitted(layer)[1] if width is None else torch.zeros(width, dtype=dtype)
 
 
 def prune_checkpoint(src: str | os.PathLike, out: str | os.PathLike, *, stats=None, pruning_plan=None,
                      metric: str = "l1", policy=None, report: dict | None = None, trust_remote_code: bool = False,
-                     compensate: str = "none", damping: float = 0.01):
+                     compensate: str = "none", damping: float = DAMPING):
     """Prune the safetensors checkpoint ``src`` into the new directory ``out`` without loading it.
 
     Give a ``pruning_plan``, or ``stats`` with an activation ``metric`` and a ``minigpt.policy.Policy`` (every
@@ -266,17 +259,15 @@ def prune_checkpoint(src: str | os.PathLike, out: str | os.PathLike, *, stats=No
     missing = sorted(set(cuts) - {canonical.get(name) for name in stored})
     if missing:
         raise MiniGPTError(f"checkpoint {src} lacks the pruned weights {', '.join(missing[:3])}...")
-    refit = None
+    refitter = None
     if compensate != "none" and kept.mlp is not None:
-        from minigpt.compensate import add_mlp_biases, mark_mlp_bias
-
-        refit = Refit(unpruned, stats, plan.kept_tensors(), compensate, damping, lambda name: read_stored(name))
+        refitter = Refit(unpruned, stats, plan.kept_tensors(), compensate, damping, lambda name: read_stored(name))
         plan.policy["compensate"] = {"method": compensate, "damping": damping if compensate == "lstsq" else None,
-                                     "bias": refit.slot, "gram_tokens": stats.gram_tokens}
-        if refit.slot == "mlp_bias":
+                                     "bias": refitter.slot, "gram_tokens": stats.gram_tokens}
+        if refitter.slot == "mlp_bias":
             add_mlp_biases(model)  # the pruned (meta) model's shapes: what the saved config describes
             mark_mlp_bias(model, plan.policy["compensate"])
-            for weight, bias in refit.added.items():  # an added bias is cut like its weight's output rows
+            for weight, bias in refitter.added.items():  # an added bias is cut like its weight's output rows
                 cut = cuts[weight].index if weight in cuts else {}
                 cuts[bias[0]] = surgery.Cut({0: cut[0]} if 0 in cut else {}, [])
     rename = layer_renames(unpruned, kept.layers)
@@ -292,11 +283,11 @@ def prune_checkpoint(src: str | os.PathLike, out: str | os.PathLike, *, stats=No
         added biases right after their weights)."""
         out = {}
         for name, (dtype, shape, _, _) in shard.tensors.items():
-            out[name] = dtype, shape, lambda name=name: (shard.read(f, name) if refit is None
-                                                        else refit.source(name, shard.read(f, name)))
-            if refit is not None and name in refit.added:
-                bias = refit.added[name]
-                out[bias[0]] = dtype, [bias[2] or shape[0]], lambda bias=bias, dtype=dtype: refit.new(bias, dtype)
+            out[name] = dtype, shape, lambda name=name: (shard.read(f, name) if refitter is None
+                                                        else refitter.source(name, shard.read(f, name)))
+            if refitter is not None and name in refitter.added:
+                bias = refitter.added[name]
+                out[bias[0]] = dtype, [bias[2] or shape[0]], lambda bias=bias, dtype=dtype: refitter.new(bias, dtype)
         return out
 
     def write_weights(tmp: Path) -> None:
