@@ -140,8 +140,9 @@ def skeleton(src: Path, trust_remote_code: bool = False):
     return model.eval(), tokenizer
 
 
-def neuron_params(model) -> dict[str, tuple[int, int]]:
-    """Parameter name → (layer, dimension indexed by that layer's MLP neurons), for every pruned projection."""
+def neuron_params(model) -> dict[str, tuple[int, int, int]]:
+    """Parameter name → (layer, dimension indexed by that layer's MLP neurons, parts), for every pruned projection;
+    ``parts`` is 2 for a fused gate_up projection (neuron j: rows j and N+j), else 1."""
     layout = adapters.get_layout(model)
     names = {module: name for name, module in model.named_modules()}
     out = {}
@@ -149,9 +150,10 @@ def neuron_params(model) -> dict[str, tuple[int, int]]:
         for side, projections in (("rows", layout.rows), ("cols", layout.cols)):
             for proj in projections:
                 prefix = f"{names[getattr(owner, proj)]}."
-                out[prefix + "weight"] = (layer, adapters.neuron_dim(layout, side))
+                parts = 2 if side == "rows" and layout.packed else 1
+                out[prefix + "weight"] = (layer, adapters.neuron_dim(layout, side), parts)
                 if side == "rows" and getattr(owner, proj).bias is not None:
-                    out[prefix + "bias"] = (layer, 0)
+                    out[prefix + "bias"] = (layer, 0, parts)
     return out
 
 
@@ -190,8 +192,8 @@ def prune_checkpoint(src: str | os.PathLike, out: str | os.PathLike, *, stats=No
     def new_shape(name: str, shape: list[int]) -> list[int]:
         if name not in pruned:
             return shape
-        layer, dim = pruned[name]
-        return [len(kept[layer]) if d == dim else n for d, n in enumerate(shape)]
+        layer, dim, parts = pruned[name]
+        return [len(kept[layer]) * parts if d == dim else n for d, n in enumerate(shape)]
 
     def write_weights(tmp: Path) -> None:
         total = 0
@@ -203,8 +205,9 @@ def prune_checkpoint(src: str | os.PathLike, out: str | os.PathLike, *, stats=No
                     t = shard.read(f, name)
                     if name not in pruned:
                         return t
-                    layer, dim = pruned[name]
-                    return t.index_select(dim, kept[layer])
+                    layer, dim, parts = pruned[name]
+                    width = t.shape[dim] // parts
+                    return t.index_select(dim, torch.cat([kept[layer] + p * width for p in range(parts)]))
 
                 total += write_shard(tmp / shard.path.name, specs, read, shard.metadata)
         if index is not None:

@@ -236,7 +236,7 @@ def test_cli_prunes_experts_and_saves_a_stock_model(moe_dir, tmp_path, capsys):
 @pytest.mark.parametrize(("extra", "message"), [
     (["--experts", "1.0"], "must be in [0, 1)"),
     (["--experts", "0.9"], "keeps 1 of 8 experts per layer, fewer than the 2"),
-    (["--experts", "0.5", "--vocab", "--scope", "global"], "--vocab, --scope cannot be combined"),
+    (["--experts", "0.5", "--vocab", "--min-keep", "0.1"], "--vocab, --min-keep cannot be combined"),
     (["--experts", "0.5", "--metric", "wanda"], "not available inside experts"),
     (["--experts", "0.5", "--expert-stats", "/nonexistent/moe.safetensors"], "cannot read expert statistics"),
 ])
