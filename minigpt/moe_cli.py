@@ -70,8 +70,7 @@ def calibrate(model, tokenizer, args, out: Path) -> None:
     from minigpt import distributed
     from minigpt.io import discard
 
-    single = distributed.rank_world()[1] == 1
-    checkpoint = Path(args.checkpoint or f"{out}.ckpt") if single and args.checkpoint_every else None
+    checkpoint = Path(args.checkpoint or f"{out}.ckpt") if args.checkpoint_every else None
     stats = moe.calibrate_moe(model, tokenizer, args.data, max_tokens=args.max_tokens, seq_len=args.seq_len,
                               batch_size=args.batch_size, text_field=args.text_field, doc_tokens=args.doc_tokens,
                               backend=args.backend, checkpoint=checkpoint, checkpoint_every=args.checkpoint_every,
