@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from minigpt import moe
+from minigpt import moe, moe_calibration
 from minigpt.io import atomic_file, default_model_path, load_model
 
 FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe")
@@ -40,7 +40,7 @@ def tiny_model(family: str, vocab_size: int, seed: int = 0):
 
 
 def run(model, tokenizer, args) -> dict:
-    stats = moe.calibrate_moe(model, tokenizer, args.data, max_tokens=args.max_tokens, seq_len=args.seq_len,
+    stats = moe_calibration.calibrate_moe(model, tokenizer, args.data, max_tokens=args.max_tokens, seq_len=args.seq_len,
                               batch_size=args.batch_size)
     plan = moe.plan_moe(stats, args.experts, args.criterion, args.expert_neurons)
     before = moe.moe_parameter_counts(model)

@@ -14,7 +14,7 @@ import json
 import math
 from pathlib import Path
 
-from minigpt import moe
+from minigpt import moe, moe_calibration
 from minigpt.errors import MiniGPTError
 
 # prune options that mean nothing on the expert path, with the value that says they were not given
@@ -71,7 +71,7 @@ def calibrate(model, tokenizer, args, out: Path) -> None:
     from minigpt.io import discard
 
     checkpoint = Path(args.checkpoint or f"{out}.ckpt") if args.checkpoint_every else None
-    stats = moe.calibrate_moe(model, tokenizer, args.data, max_tokens=args.max_tokens, seq_len=args.seq_len,
+    stats = moe_calibration.calibrate_moe(model, tokenizer, args.data, max_tokens=args.max_tokens, seq_len=args.seq_len,
                               batch_size=args.batch_size, text_field=args.text_field, doc_tokens=args.doc_tokens,
                               backend=args.backend, checkpoint=checkpoint, checkpoint_every=args.checkpoint_every,
                               resume=args.resume)
@@ -112,7 +112,7 @@ def run_prune(args, source, out: Path, load) -> None:
         return
     model, tokenizer = load(args)
     if stats is None:
-        stats = moe.calibrate_moe(model, tokenizer, args.data, max_tokens=args.max_tokens, seq_len=args.seq_len,
+        stats = moe_calibration.calibrate_moe(model, tokenizer, args.data, max_tokens=args.max_tokens, seq_len=args.seq_len,
                                   batch_size=args.batch_size, text_field=args.text_field, doc_tokens=args.doc_tokens,
                                   backend=args.backend)
     plan = moe.plan_moe(stats, **policy)
