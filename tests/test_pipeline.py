@@ -24,7 +24,8 @@ def _expected_removed(model, kept: list[int]) -> int:
                 proj = getattr(mlp, name)
                 n = adapters.widths(model)[0] - k
                 per = proj.weight.shape[1 - adapters.neuron_dim(layout, side)]
-                total += n * (per + (1 if side == "rows" and proj.bias is not None else 0))
+                rows = 2 if side == "rows" and layout.packed else 1  # a fused gate_up: rows j and N+j
+                total += n * rows * (per + (1 if side == "rows" and proj.bias is not None else 0))
     return total
 
 
