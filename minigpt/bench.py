@@ -89,7 +89,9 @@ def expand_ablation(specs: list[ModelSpec], multiples: list[int]) -> list[ModelS
 
 
 def magnitude_scores(model) -> list[torch.Tensor]:
-    """Per-layer neuron scores: L2 norm of every weight touching the neuron (rows of gate/up, columns of down)."""
+    """Per-layer neuron scores: L2 norm of every weight touching the neuron (rows of gate/up, columns of down).
+
+    Returns one ``(N,)`` tensor per layer."""
     layout = adapters.get_layout(model)
     out = []
     for mlp in adapters.mlps(model):
@@ -97,7 +99,10 @@ def magnitude_scores(model) -> list[torch.Tensor]:
         for side, names in (("rows", layout.rows), ("cols", layout.cols)):
             for name in names:
                 w = getattr(mlp, name).weight.detach().float()
-                sq = sq + w.pow(2).sum(dim=1 - adapters.neuron_dim(layout, side))
+                part = w.pow(2).sum(dim=1 - adapters.neuron_dim(layout, side))
+                if side == "rows" and layout.packed:  # a fused gate_up: neuron j is rows j and N+j
+                    part = part.view(2, -1).sum(0)
+                sq = sq + part
         out.append(sq.sqrt().double().cpu())
     return out
 
