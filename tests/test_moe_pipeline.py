@@ -151,3 +151,25 @@ def test_eval_and_bench_on_pruned_moe_models(saved, tmp_path, capsys):
         bench.benchmark([f"{src}@0.5"], prompt_lengths=[8], decode_tokens=2, batch_sizes=[1], repeats=1, warmup=0)
     model = load_model(str(dirs["uniform"]))[0]
     assert uniform["params"]["active"] == moe_parameter_counts(model)["active"]
+
+
+def test_real_moe_experiment_runs_on_a_saved_model(saved, tmp_path, monkeypatch):
+    """``python -m bench.moe_routing --model DIR``, the documented command for a real checkpoint, on a tiny saved
+    one: routing table, plan, parameters, perplexity before/after and the plot."""
+    import sys
+
+    from bench import moe_routing
+
+    src, _ = saved("olmoe")
+    out = tmp_path / "moe_olmoe"
+    monkeypatch.setattr(sys, "argv", ["moe_routing", "--model", str(src), "--data", str(STDLIB / "argparse.py"),
+                                      "--max-tokens", "256", "--seq-len", "32", "--eval-data",
+                                      str(STDLIB / "shlex.py"), "--eval-tokens", "128", "--scope", "global",
+                                      "--experts", "0.125", "--out", str(out)])
+    moe_routing.main()
+    result = json.loads(out.with_suffix(".json").read_text())["results"][0]
+    assert [layer["kept"] for layer in result["report"]["layers"]] == [[0, 1, 2, 3, 4, 6], list(range(8))]
+    before, after = result["perplexity"]["before"], result["perplexity"]["after"]  # only never-routed experts went
+    assert before["tokens"] == after["tokens"] > 100 and after["perplexity"] == pytest.approx(before["perplexity"])
+    assert "| held-out perplexity" in out.with_suffix(".md").read_text()
+    assert out.with_suffix(".png").read_bytes()[:4] == b"\x89PNG"
