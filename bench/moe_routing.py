@@ -110,8 +110,8 @@ def markdown(results: list[dict], args) -> str:
         lines += ["", "| | before | after |", "|---|---:|---:|"]
         lines += [f"| {k} parameters | {b[k]:,} | {a[k]:,} |" for k in ("total", "active", "experts", "router",
                                                                           "shared_experts")]
-        lines += [f"| held-out perplexity ({pb['tokens']:,} tokens of {' '.join(args.eval_data)}) | "
-                  f"{pb['perplexity']:.3f} | {pa['perplexity']:.3f} |", ""]
+        held_out = f"held-out perplexity ({pb['tokens']:,} tokens of {' '.join(args.eval_data)})"
+        lines += [f"| {held_out} | {pb['perplexity']:.3f} | {pa['perplexity']:.3f} |", ""]
     return "\n".join(lines)
 
 
