@@ -54,9 +54,16 @@ def _rename(name: str, plan: moe.MoEPlan) -> Edit | None:
     if rest == "experts.gate_up_proj":
         if cols is None:
             return name, lambda t: t[keep]
-        return name, lambda t: t[keep].take_along_dim(torch.cat([cols, cols + t.shape[1] // 2], 1)[:, :, None], 1)
+
+        def gate_up(t: torch.Tensor) -> torch.Tensor:  # (E, 2I, H): gate rows j and up rows I + j
+            rows = torch.cat([cols, cols + t.shape[1] // 2], 1).to(t.device)
+            return t[keep].take_along_dim(rows[:, :, None], 1)
+
+        return name, gate_up
     if rest == "experts.down_proj":
-        return name, (lambda t: t[keep]) if cols is None else (lambda t: t[keep].take_along_dim(cols[:, None, :], 2))
+        if cols is None:
+            return name, lambda t: t[keep]
+        return name, lambda t: t[keep].take_along_dim(cols[:, None, :].to(t.device), 2)
     shared = re.fullmatch(r"shared_expert\.(gate_proj|up_proj|down_proj)\.weight", rest)
     if shared is not None and plan.shared:
         index = torch.tensor(plan.shared[b])

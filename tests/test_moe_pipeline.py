@@ -173,3 +173,24 @@ def test_real_moe_experiment_runs_on_a_saved_model(saved, tmp_path, monkeypatch)
     assert before["tokens"] == after["tokens"] > 100 and after["perplexity"] == pytest.approx(before["perplexity"])
     assert "| held-out perplexity" in out.with_suffix(".md").read_text()
     assert out.with_suffix(".png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_out_of_core_reads_fused_expert_tensors(saved, tmp_path):
+    """A checkpoint holding the fused 3-D ``experts.gate_up_proj`` / ``experts.down_proj`` (as the model's own
+    state dict names them) prunes out of core to the same model as the per-expert one."""
+    from safetensors.torch import save_file
+
+    src, stats = saved("qwen2_moe")
+    fused = tmp_path / "fused"
+    model, tokenizer = load_model(str(src))
+    model.config.save_pretrained(fused)
+    tokenizer.save_pretrained(fused)
+    state = model.state_dict()
+    assert "model.layers.0.mlp.experts.gate_up_proj" in state
+    save_file({k: v.contiguous() for k, v in state.items() if k != "lm_head.weight" or not model.config.tie_word_embeddings},
+              str(fused / "model.safetensors"))
+    args = ["--expert-stats", str(stats), "--experts", "0.25", "--expert-neurons", "0.25", "--no-eval", "--out-of-core"]
+    assert main(["prune", "--model", str(src), *args, "--out", str(tmp_path / "a")]) == 0
+    assert main(["prune", "--model", str(fused), *args, "--out", str(tmp_path / "b")]) == 0
+    a, b = load_model(str(tmp_path / "a"))[0].state_dict(), load_model(str(tmp_path / "b"))[0].state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
