@@ -153,20 +153,21 @@ def test_eval_and_bench_on_pruned_moe_models(saved, tmp_path, capsys):
     assert uniform["params"]["active"] == moe_parameter_counts(model)["active"]
 
 
-def test_real_moe_experiment_runs_on_a_saved_model(saved, tmp_path, monkeypatch):
+def test_real_moe_experiment_runs_on_a_saved_model(saved, tmp_path):
     """``python -m bench.moe_routing --model DIR``, the documented command for a real checkpoint, on a tiny saved
     one: routing table, plan, parameters, perplexity before/after and the plot."""
     import sys
+    from pathlib import Path
 
-    from bench import moe_routing
+    from scale_helpers import run
 
     src, _ = saved("olmoe")
     out = tmp_path / "moe_olmoe"
-    monkeypatch.setattr(sys, "argv", ["moe_routing", "--model", str(src), "--data", str(STDLIB / "argparse.py"),
-                                      "--max-tokens", "256", "--seq-len", "32", "--eval-data",
-                                      str(STDLIB / "shlex.py"), "--eval-tokens", "128", "--scope", "global",
-                                      "--experts", "0.125", "--out", str(out)])
-    moe_routing.main()
+    done = run([sys.executable, "-m", "bench.moe_routing", "--model", str(src), "--data", str(STDLIB / "argparse.py"),
+                "--max-tokens", "256", "--seq-len", "32", "--eval-data", str(STDLIB / "shlex.py"), "--eval-tokens",
+                "128", "--scope", "global", "--experts", "0.125", "--out", str(out)],
+               cwd=Path(__file__).resolve().parents[1])
+    assert done.returncode == 0, done.stderr
     result = json.loads(out.with_suffix(".json").read_text())["results"][0]
     assert [layer["kept"] for layer in result["report"]["layers"]] == [[0, 1, 2, 3, 4, 6], list(range(8))]
     before, after = result["perplexity"]["before"], result["perplexity"]["after"]  # only never-routed experts went
