@@ -34,7 +34,7 @@ from pathlib import Path
 
 import torch
 
-from minigpt import adapters
+from minigpt import adapters, moe
 from minigpt.errors import MiniGPTError
 from minigpt.evaluation import parameter_counts, weight_bytes
 
@@ -98,7 +98,9 @@ def expand_ablation(specs: list[ModelSpec], multiples: list[int]) -> list[ModelS
 
 
 def magnitude_scores(model) -> list[torch.Tensor]:
-    """Per-layer neuron scores: L2 norm of every weight touching the neuron (rows of gate/up, columns of down)."""
+    """Per-layer neuron scores: L2 norm of every weight touching the neuron (rows of gate/up, columns of down).
+
+    Returns one ``(N,)`` tensor per layer."""
     layout = adapters.get_layout(model)
     out = []
     for mlp in adapters.mlps(model):
@@ -106,7 +108,10 @@ def magnitude_scores(model) -> list[torch.Tensor]:
         for side, names in (("rows", layout.rows), ("cols", layout.cols)):
             for name in names:
                 w = getattr(mlp, name).weight.detach().float()
-                sq = sq + w.pow(2).sum(dim=1 - adapters.neuron_dim(layout, side))
+                part = w.pow(2).sum(dim=1 - adapters.neuron_dim(layout, side))
+                if side == "rows" and layout.packed:  # a fused gate_up: neuron j is rows j and N+j
+                    part = part.view(2, -1).sum(0)
+                sq = sq + part
         out.append(sq.sqrt().double().cpu())
     return out
 
@@ -126,6 +131,9 @@ def load(spec: ModelSpec, device: str, dtype: torch.dtype, trust_remote_code: bo
     else:
         model, _ = load_model(None if spec.base == "default" else spec.base, dtype=dtype, device=device,
                               trust_remote_code=trust_remote_code)
+    if spec.ratio and moe.is_moe(model):
+        raise MiniGPTError(f"model {spec.text!r}: @RATIO prunes dense MLPs; prune experts with minigpt prune "
+                           "--experts/--expert-neurons and bench the saved directory")
     if spec.ratio:
         multiple = spec.multiple or 1
         policy = {"scores": "weight_l2", "ratio": spec.ratio, "scope": "uniform", "multiple": multiple}
@@ -246,8 +254,8 @@ def measure(model, ids: torch.Tensor, *, device: str, prompt_lengths: list[int],
     def generate(x):
         return model.generate(x, attention_mask=torch.ones_like(x), generation_config=greedy)
 
-    result = {"params": parameter_counts(model), "weight_bytes": weight_bytes(model),
-              "mlp_widths": adapters.widths(model), "prefill": {}, "decode": {}}
+    result = {"params": parameter_counts(model), "weight_bytes": weight_bytes(model), **_mlp_shape(model),
+              "prefill": {}, "decode": {}}
     for length in prompt_lengths:
         result["prefill"][str(length)] = summary(_timings(prefill, lambda n=length: ids[:1, :n], **timing))
     for batch in batch_sizes:
@@ -264,6 +272,16 @@ def measure(model, ids: torch.Tensor, *, device: str, prompt_lengths: list[int],
                      **peak_memory(lambda: generate(ids[:big, :context]), device)},
     }
     return result
+
+
+def _mlp_shape(model) -> dict:
+    """``mlp_widths`` per layer; for a mixture of experts the experts' width and ``experts`` (count) per sparse
+    layer, and ``params["active"]``, the parameters one token goes through (``moe.moe_parameter_counts``)."""
+    if not moe.is_moe(model):
+        return {"mlp_widths": adapters.widths(model)}
+    layers = moe.moe_layers(model)
+    return {"mlp_widths": [m.experts.down_proj.shape[2] for m in layers],
+            "experts": [m.experts.down_proj.shape[0] for m in layers]}
 
 
 def relative(base: dict, other: dict) -> dict:
@@ -367,14 +385,17 @@ def format_table(report: dict) -> str:
     meta, models = report["meta"], report["models"]
     lengths, batches = meta["prompt_lengths"], meta["batch_sizes"]
     mem = "peak" if meta["device"].startswith("cuda") else "increase"
-    head = (["model", "params", "MLP params", "weights MiB"] + [f"prefill {n} ms" for n in lengths]
+    active = any("active" in m["params"] for m in models)  # a mixture of experts: parameters per token
+    head = (["model", "params", *(["active params"] if active else []), "MLP params", "weights MiB"]
+            + [f"prefill {n} ms" for n in lengths]
             + [f"decode b{b} tok/s" for b in batches]
             + [f"generate {meta['decode_tokens']} ms", f"prefill {mem} MiB", f"generate {mem} MiB"])
     rows = []
     for m in models:
         decode = [f"{d['tokens_per_s']:.1f} ({d['tokens_per_s_q1']:.1f}–{d['tokens_per_s_q3']:.1f})"
                   for d in (m["decode"][str(b)] for b in batches)]
-        rows.append([_label(m), f"{m['params']['total']:,}", f"{m['params']['mlp']:,}", _mib(m["weight_bytes"])]
+        shown = [f"{m['params'].get('active', m['params']['total']):,}"] if active else []
+        rows.append([_label(m), f"{m['params']['total']:,}", *shown, f"{m['params']['mlp']:,}", _mib(m["weight_bytes"])]
                     + [_ms(m["prefill"][str(n)]) for n in lengths] + decode + [_ms(m["generate"])]
                     + [_mib(m["memory"][p][f"{mem}_bytes"]) for p in ("prefill", "generate")])
     rel_head = (["model", "params", "weights"] + [f"prefill {n}" for n in lengths] + [f"decode b{b}" for b in batches]

@@ -119,7 +119,8 @@ def build_parser() -> argparse.ArgumentParser:
     policy.add_argument("--max-ppl-increase", type=float, help="remove as much as keeps the held-out perplexity "
                         "within this relative increase (0.10: 10 %%), by bisection over plans of one calibration")
     _add_compensation_args(pr)
-    pr.add_argument("--scope", default="uniform", choices=("uniform", "global"), help="how --ratio is spread")
+    pr.add_argument("--scope", default="uniform", choices=("uniform", "global"),
+                    help="how --ratio (or --experts: per-layer expert counts) is spread")
     pr.add_argument("--multiple", type=_multiple, default="auto",
                     help="round kept widths up to a multiple: 'auto' (default) = 32, the block of GGUF Q8_0/Q4_0, "
                          "when the model's widths are multiples of 32 and ≥ 256; 64/128 for tensor cores; 1 = exact")

@@ -24,7 +24,10 @@ def _same_weights(a_dir, b_dir) -> None:
 
 
 @pytest.mark.parametrize("model_type, policy", [("llama", ["--ratio", "0.25"]), ("llama", ["--threshold", "0.3"]),
-                                                ("gpt2", ["--ratio", "0.25"]), ("opt", ["--threshold", "0.3"])])
+                                                ("gpt2", ["--ratio", "0.25"]), ("opt", ["--threshold", "0.3"]),
+                                                ("phi3", ["--ratio", "0.25"]), ("gemma2", ["--threshold", "0.3"]),
+                                                ("gemma3_text", ["--ratio", "0.25"]), ("smollm3", ["--ratio", "0.25"]),
+                                                ("olmo2", ["--threshold", "0.3"])])
 def test_out_of_core_equals_in_memory(model_type, policy, corpus_dir, tiny_tokenizer, tmp_path, capsys):
     """Gated, Conv1D and biased MLPs; uniform (stock config) and per-layer widths (remote code)."""
     src = tmp_path / "src"
