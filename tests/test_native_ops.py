@@ -124,6 +124,25 @@ def test_stats_accumulate_across_calls(device):
     assert torch.equal(acc[2], ref[0][2]) and torch.equal(nnz, ref[1])
 
 
+def test_stats_same_bits_on_any_thread_count():
+    """Several row slabs and column blocks (1100 x 2100): the per-tile partials fold in a fixed order."""
+    gate, up = inputs((1100, 2100), torch.bfloat16, "cpu", seed=4)
+    n = torch.get_num_threads()
+    runs = []
+    try:
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            for act, u in (("gelu", up), ("identity", None)):
+                acc, nnz = torch.zeros(3, 2100), torch.zeros(2100, dtype=torch.int64)
+                h = act_stats(gate, u, act, acc, nnz)
+                runs.append((threads, act, h.view(torch.int16), acc.view(torch.int32), nnz))
+    finally:
+        torch.set_num_threads(n)
+    for threads, act, *tensors in runs[2:]:
+        first = next(r for r in runs if r[1] == act)
+        assert all(torch.equal(x, y) for x, y in zip(tensors, first[2:])), (threads, act)
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_stats_nan_propagates_to_max(device):
     x = torch.ones(40, 3, device=device)

@@ -1,6 +1,7 @@
 // Body of the CPU statistics kernels. Included by one .cpp per instruction set, which defines MINIGPT_ISA
 // (the namespace) and the target; plain loops over contiguous columns that the compiler vectorises.
-// Built with -ffp-contract=off (every instruction set rounds identically), -fno-trapping-math (selects vectorise)
+// Built with -ffp-contract=off (FMAs only where written, fma_f32: the AVX2 and AVX-512 kernels give the same bits),
+// -fno-trapping-math (selects vectorise)
 // and -fno-tree-loop-distribute-patterns (no memcpy/memset calls for short rows).
 #ifndef MINIGPT_ISA
 #error "define MINIGPT_ISA before including kernels_impl.h"
@@ -15,10 +16,6 @@
 
 namespace minigpt::cpu::MINIGPT_ISA {
 namespace {
-
-// Tokens summed in fp32 before the partial sums are folded into fp64 totals: keeps the fp32 rounding error
-// of Σ|h| and Σh² near that of a pairwise sum while the hot loop stays fp32.
-constexpr int64_t kChunk = 32;
 
 struct Half {
   uint16_t bits;
@@ -74,20 +71,30 @@ inline Half from_float<Half>(float f) {
   return {uint16_t((sign >> 16) | (shl1_w > 0xFF000000u ? 0x7E00u : nonsign))};
 }
 
+// a * b + c: rounded once (an FMA instruction) where the target has one (MINIGPT_FMA: AVX2, AVX-512; ARM), so
+// those give the same bits; rounded twice on the SSE2 baseline, where libm's fmaf would be a slow scalar call.
+inline float fma_f32(float a, float b, float c) {
+#if defined(MINIGPT_FMA) || defined(__FMA__) || defined(__ARM_FEATURE_FMA)
+  return std::fma(a, b, c);
+#else
+  return a * b + c;
+#endif
+}
+
 // exp(x) (Cephes expf: x = n ln2 + r, degree-6 polynomial in r; about 1 ulp). Vectorisable: no calls, no branches.
 // Returns 0 below -87.3 and inf above 88.37 (where 2^n would leave the normal range), NaN for NaN.
 inline float exp_f32(float x) {
   constexpr float kLo = -87.3f, kHi = 88.3762626647949f;
   const float xc = std::min(std::max(x, kLo), kHi);
   const float n = (xc * 1.44269504088896341f + 12582912.0f) - 12582912.0f;  // round(xc / ln2)
-  const float r = (xc - n * 0.693359375f) - n * -2.12194440e-4f;
+  const float r = fma_f32(n, 2.12194440e-4f, fma_f32(n, -0.693359375f, xc));
   float p = 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  p = p * (r * r) + r + 1.0f;
+  p = fma_f32(p, r, 1.3981999507e-3f);
+  p = fma_f32(p, r, 8.3334519073e-3f);
+  p = fma_f32(p, r, 4.1665795894e-2f);
+  p = fma_f32(p, r, 1.6666665459e-1f);
+  p = fma_f32(p, r, 5.0000001201e-1f);
+  p = fma_f32(p, r * r, r) + 1.0f;
   const float y = p * bit_cast<float>(uint32_t(int32_t(n) + 127) << 23);
   return x > kHi ? std::numeric_limits<float>::infinity() : (x < kLo ? 0.0f : y);
 }
@@ -95,18 +102,18 @@ inline float exp_f32(float x) {
 // erfc(z) (Numerical Recipes erfcc: relative error about 1e-7 for z >= 0, reflected for z < 0).
 inline float erfc_f32(float z) {
   const float a = std::fabs(z);
-  const float t = 1.0f / (1.0f + 0.5f * a);
+  const float t = 1.0f / fma_f32(0.5f, a, 1.0f);
   float p = 0.17087277f;
-  p = p * t - 0.82215223f;
-  p = p * t + 1.48851587f;
-  p = p * t - 1.13520398f;
-  p = p * t + 0.27886807f;
-  p = p * t - 0.18628806f;
-  p = p * t + 0.09678418f;
-  p = p * t + 0.37409196f;
-  p = p * t + 1.00002368f;
-  p = p * t - 1.26551223f;
-  const float r = t * exp_f32(p - a * a);
+  p = fma_f32(p, t, -0.82215223f);
+  p = fma_f32(p, t, 1.48851587f);
+  p = fma_f32(p, t, -1.13520398f);
+  p = fma_f32(p, t, 0.27886807f);
+  p = fma_f32(p, t, -0.18628806f);
+  p = fma_f32(p, t, 0.09678418f);
+  p = fma_f32(p, t, 0.37409196f);
+  p = fma_f32(p, t, 1.00002368f);
+  p = fma_f32(p, t, -1.26551223f);
+  const float r = t * exp_f32(fma_f32(-a, a, p));
   return z >= 0.0f ? r : 2.0f - r;
 }
 
@@ -135,104 +142,113 @@ inline int32_t is_active(float g, float active_min) {
 }
 inline int32_t is_number_nonzero(float u) { return int32_t(u < 0.0f) | int32_t(u > 0.0f); }
 
-// Row t for columns [c0, c0 + nc), in one pass: h = act(gate) * up (written to a.out when kOut), its statistics
-// added into the chunk accumulators s1 (Σ|h|), s2 (Σh²), mx (max|h|, NaN skipped) and nz (active count).
-template <class T, Act A, bool kGated, bool kOut>
-inline void accumulate_row(const StatsArgs& a, int64_t t, int64_t c0, int64_t nc, float* __restrict s1,
-                           float* __restrict s2, float* __restrict mx, int32_t* __restrict nz) {
-  const int64_t off = t * a.N + c0;
+// Rows [t, t + R) for columns [c0, c0 + nc), in one pass: h = act(gate) * up (written to a.out when kOut), its
+// statistics added into the chunk accumulators s1 (Σ|h|), s2 (Σh²), mx (max|h|, NaN skipped) and nz (active count).
+// Each accumulator is loaded and stored once per R rows and the rows are added in order, so R changes no bits.
+template <class T, Act A, bool kGated, bool kOut, int R>
+inline void accumulate_rows(const StatsArgs& a, int64_t t, int64_t c0, int64_t nc, float* __restrict s1,
+                            float* __restrict s2, float* __restrict mx, int32_t* __restrict nz) {
+  const int64_t N = a.N, off = t * N + c0;
   const T* __restrict g = static_cast<const T*>(a.gate) + off;
   const T* __restrict u = kGated ? static_cast<const T*>(a.up) + off : nullptr;
   T* __restrict o = kOut ? static_cast<T*>(a.out) + off : nullptr;
   const float active_min = a.active_min;
+#pragma GCC ivdep
   for (int64_t j = 0; j < nc; ++j) {
-    const float x = to_float(g[j]);
-    float v = activate<A>(x);
-    int32_t active = is_active(x, active_min);
-    if constexpr (kGated) {
-      const float y = to_float(u[j]);
-      v *= y;
-      active &= is_number_nonzero(y);
+    float sum1 = s1[j], sum2 = s2[j], m = mx[j];
+    int32_t count = nz[j];
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) {
+      const float x = to_float(g[r * N + j]);
+      float v = activate<A>(x);
+      int32_t active = is_active(x, active_min);
+      if constexpr (kGated) {
+        const float y = to_float(u[r * N + j]);
+        v *= y;
+        active &= is_number_nonzero(y);
+      }
+      if constexpr (kOut) o[r * N + j] = from_float<T>(v);
+      const float av = std::fabs(v);
+      sum1 += av;
+      sum2 += v * v;
+      m = av > m ? av : m;  // NaN skipped here, restored from Σ|h| below
+      count += active;
     }
-    if constexpr (kOut) o[j] = from_float<T>(v);
-    const float av = std::fabs(v);
-    s1[j] += av;
-    s2[j] += v * v;
-    mx[j] = av > mx[j] ? av : mx[j];  // NaN skipped here, restored from Σ|h| below
-    nz[j] += active;
+    s1[j] = sum1;
+    s2[j] = sum2;
+    mx[j] = m;
+    nz[j] = count;
   }
 }
 
+// Rows per accumulator pass (kChunk is a multiple).
+constexpr int kRows = 4;
+
 template <class T, Act A, bool kGated, bool kOut>
-void stats_block_impl(const StatsArgs& a, int64_t c0, int64_t nc) {
-  alignas(64) float s1[kBlock], s2[kBlock], mx[kBlock];
-  alignas(64) int32_t nz[kBlock];
-  alignas(64) double tot1[kBlock] = {}, tot2[kBlock] = {};
-  alignas(64) float totmx[kBlock] = {};
-  alignas(64) int64_t totnz[kBlock] = {};
-  for (int64_t t0 = 0; t0 < a.T; t0 += kChunk) {
+void stats_tile_impl(const StatsArgs& a, int64_t t0, int64_t t1, int64_t c0, int64_t nc, const Partial& p) {
+  // one buffer, the arrays kPad floats apart: 4 KiB apart they would alias in the load/store unit
+  constexpr int64_t kPad = kBlock + 16;
+  alignas(64) float chunk[4 * kPad];
+  float *s1 = chunk, *s2 = chunk + kPad, *mx = chunk + 2 * kPad;
+  int32_t* nz = reinterpret_cast<int32_t*>(chunk + 3 * kPad);
+  std::fill_n(p.s1, nc, 0.0);
+  std::fill_n(p.s2, nc, 0.0);
+  std::fill_n(p.mx, nc, 0.0f);
+  std::fill_n(p.nz, nc, 0);
+  for (int64_t c = t0; c < t1; c += kChunk) {
     std::fill_n(s1, nc, 0.0f);
     std::fill_n(s2, nc, 0.0f);
     std::fill_n(mx, nc, 0.0f);
     std::fill_n(nz, nc, 0);
-    for (int64_t t = t0, t_end = std::min(a.T, t0 + kChunk); t < t_end; ++t) {
-      accumulate_row<T, A, kGated, kOut>(a, t, c0, nc, s1, s2, mx, nz);
-    }
+    const int64_t c_end = std::min(t1, c + kChunk);
+    int64_t t = c;
+    for (; t + kRows <= c_end; t += kRows) accumulate_rows<T, A, kGated, kOut, kRows>(a, t, c0, nc, s1, s2, mx, nz);
+    for (; t < c_end; ++t) accumulate_rows<T, A, kGated, kOut, 1>(a, t, c0, nc, s1, s2, mx, nz);
     for (int64_t j = 0; j < nc; ++j) {
-      tot1[j] += s1[j];
-      tot2[j] += s2[j];
-      totmx[j] = std::max(totmx[j], mx[j]);
-      totnz[j] += nz[j];
+      p.s1[j] += s1[j];
+      p.s2[j] += s2[j];
+      p.mx[j] = std::max(p.mx[j], mx[j]);
+      p.nz[j] += nz[j];
     }
-  }
-  float* acc1 = a.acc + c0;
-  float* acc2 = acc1 + a.N;
-  float* accmx = acc2 + a.N;
-  for (int64_t j = 0; j < nc; ++j) {
-    acc1[j] = float(acc1[j] + tot1[j]);
-    acc2[j] = float(acc2[j] + tot2[j]);
-    const bool nan = std::isnan(tot1[j]) || std::isnan(accmx[j]);  // Σ|h| is NaN iff some h is NaN
-    accmx[j] = nan ? std::numeric_limits<float>::quiet_NaN() : std::max(accmx[j], totmx[j]);
-    a.nnz[c0 + j] += totnz[j];
   }
 }
 
 template <class T, Act A>
-void by_gate(const StatsArgs& a, int64_t c0, int64_t nc) {
+void by_gate(const StatsArgs& a, int64_t t0, int64_t t1, int64_t c0, int64_t nc, const Partial& p) {
   if (a.up) {
-    stats_block_impl<T, A, true, true>(a, c0, nc);
+    stats_tile_impl<T, A, true, true>(a, t0, t1, c0, nc, p);
   } else {
-    stats_block_impl<T, A, false, true>(a, c0, nc);
+    stats_tile_impl<T, A, false, true>(a, t0, t1, c0, nc, p);
   }
 }
 
 template <class T>
-void by_act(const StatsArgs& a, int64_t c0, int64_t nc) {
-  if (!a.out) return stats_block_impl<T, Act::identity, false, false>(a, c0, nc);  // column_stats
+void by_act(const StatsArgs& a, int64_t t0, int64_t t1, int64_t c0, int64_t nc, const Partial& p) {
+  if (!a.out) return stats_tile_impl<T, Act::identity, false, false>(a, t0, t1, c0, nc, p);  // column_stats
   switch (a.act) {
     case Act::silu:
-      return by_gate<T, Act::silu>(a, c0, nc);
+      return by_gate<T, Act::silu>(a, t0, t1, c0, nc, p);
     case Act::gelu_tanh:
-      return by_gate<T, Act::gelu_tanh>(a, c0, nc);
+      return by_gate<T, Act::gelu_tanh>(a, t0, t1, c0, nc, p);
     case Act::gelu:
-      return by_gate<T, Act::gelu>(a, c0, nc);
+      return by_gate<T, Act::gelu>(a, t0, t1, c0, nc, p);
     case Act::relu:
-      return by_gate<T, Act::relu>(a, c0, nc);
+      return by_gate<T, Act::relu>(a, t0, t1, c0, nc, p);
     case Act::identity:
-      return by_gate<T, Act::identity>(a, c0, nc);
+      return by_gate<T, Act::identity>(a, t0, t1, c0, nc, p);
   }
 }
 
 }  // namespace
 
-void stats_block(const StatsArgs& a, int64_t c0, int64_t nc) {
+void stats_tile(const StatsArgs& a, int64_t t0, int64_t t1, int64_t c0, int64_t nc, const Partial& p) {
   switch (a.dtype) {
     case DType::f32:
-      return by_act<float>(a, c0, nc);
+      return by_act<float>(a, t0, t1, c0, nc, p);
     case DType::f16:
-      return by_act<Half>(a, c0, nc);
+      return by_act<Half>(a, t0, t1, c0, nc, p);
     case DType::bf16:
-      return by_act<BFloat16>(a, c0, nc);
+      return by_act<BFloat16>(a, t0, t1, c0, nc, p);
   }
 }
 

@@ -1,10 +1,13 @@
-// CPU implementations of the minigpt ops: OpenMP (at::parallel_for) over column blocks, so each thread owns a
-// block of neurons and walks every token; no atomics.
+// CPU implementations of the minigpt ops: OpenMP (at::parallel_for) over tiles of rows and columns (statistics),
+// bins (histogram) or rows (gather); no atomics.
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstring>
+#include <limits>
+#include <vector>
 
 #include "../common.h"
 #include "kernels.h"
@@ -15,26 +18,65 @@ namespace {
 // Inputs smaller than this (elements) run on one thread.
 constexpr int64_t kSerialWork = 1 << 15;
 
-StatsBlockFn pick_stats_block() {
+StatsTileFn pick_stats_tile() {
 #if defined(__x86_64__)
-  if (__builtin_cpu_supports("avx2")) return avx2::stats_block;
+  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+      __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq")) {
+    return avx512::stats_tile;
+  }
+  if (__builtin_cpu_supports("avx2")) return avx2::stats_tile;
 #endif
-  return base::stats_block;
+  return base::stats_tile;
 }
 
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
-// Column blocks of at most kBlock, a multiple of 16 wide: one per thread when they fit, else a multiple of threads.
+// Rows of a slab: at least kMinSlab, at most kMaxSlabs slabs, a multiple of kChunk. A function of T only, so the
+// statistics have the same bits whatever the thread count.
+constexpr int64_t kMinSlab = 512, kMaxSlabs = 16;
+int64_t slab_rows(int64_t T) { return std::max(kMinSlab, ceil_div(ceil_div(T, kMaxSlabs), kChunk) * kChunk); }
+
+// Tiles of slab_rows(T) rows by column blocks of at most kBlock (a multiple of 16; narrower when there are fewer
+// slabs than threads), one pass each with full rows where they fit, so each thread streams through contiguous
+// memory. Every tile stores its partial statistics; they are then folded per column in slab order (no atomics:
+// the same inputs give the same bits on every run and any number of threads).
 void run_stats(const StatsArgs& a) {
   if (a.T == 0 || a.N == 0) return;
-  static const StatsBlockFn stats_block = pick_stats_block();
+  static const StatsTileFn stats_tile = pick_stats_tile();
   const int64_t threads = a.T * a.N < kSerialWork ? 1 : at::get_num_threads();
-  const int64_t blocks = std::min(ceil_div(a.N, 16), ceil_div(ceil_div(a.N, kBlock), threads) * threads);
+  const int64_t slab = slab_rows(a.T), n_slabs = ceil_div(a.T, slab);
+  const int64_t blocks = std::min(ceil_div(a.N, 16), std::max(ceil_div(a.N, kBlock), ceil_div(threads, n_slabs)));
   const int64_t width = ceil_div(ceil_div(a.N, blocks), 16) * 16;
   const int64_t n_blocks = ceil_div(a.N, width);
-  at::parallel_for(0, n_blocks, threads == 1 ? n_blocks : 1, [&](int64_t b0, int64_t b1) {
-    for (int64_t b = b0; b < b1; ++b) stats_block(a, b * width, std::min(width, a.N - b * width));
+  std::vector<double> s1(n_slabs * a.N), s2(n_slabs * a.N);
+  std::vector<float> mx(n_slabs * a.N);
+  std::vector<int64_t> nz(n_slabs * a.N);
+  at::parallel_for(0, n_slabs * n_blocks, threads == 1 ? n_slabs * n_blocks : 1, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t s = i / n_blocks, c0 = (i % n_blocks) * width, off = s * a.N + c0;
+      stats_tile(a, s * slab, std::min(a.T, (s + 1) * slab), c0, std::min(width, a.N - c0),
+                 {s1.data() + off, s2.data() + off, mx.data() + off, nz.data() + off});
+    }
   });
+  float* acc1 = a.acc;
+  float* acc2 = acc1 + a.N;
+  float* accmx = acc2 + a.N;
+  for (int64_t j = 0; j < a.N; ++j) {
+    double tot1 = s1[j], tot2 = s2[j];
+    float totmx = mx[j];
+    int64_t totnz = nz[j];
+    for (int64_t s = 1; s < n_slabs; ++s) {
+      tot1 += s1[s * a.N + j];
+      tot2 += s2[s * a.N + j];
+      totmx = std::max(totmx, mx[s * a.N + j]);
+      totnz += nz[s * a.N + j];
+    }
+    acc1[j] = float(acc1[j] + tot1);
+    acc2[j] = float(acc2[j] + tot2);
+    const bool nan = std::isnan(tot1) || std::isnan(accmx[j]);  // Σ|h| is NaN iff some h is NaN
+    accmx[j] = nan ? std::numeric_limits<float>::quiet_NaN() : std::max(accmx[j], totmx);
+    a.nnz[j] += totnz;
+  }
 }
 
 at::Tensor act_stats(const at::Tensor& gate, const std::optional<at::Tensor>& up, c10::string_view act,
