@@ -1,6 +1,6 @@
 """CPU statistics kernels side by side with what they replace, on the same inputs, interleaved in one run.
 
-    python -m bench.bench_cpu_stats [--reps N]
+    python -m bench.bench_cpu_stats [--reps N] [--threads 2,1]
 
 For every activation and dtype (fp32, bf16), on a (4096, 1536) calibration batch (T tokens x N neurons of
 SmolLM2-135M):
@@ -9,9 +9,12 @@ SmolLM2-135M):
 * ``cpp act_stats``: the fused C++ op (the same product plus Σ|h|, Σh², max|h| and the active count);
 * ``torch reference``: ``minigpt.reference`` (the op's definition, in plain PyTorch; fp32 SiLU only, it is slow).
 
-and ``column_stats`` against one eager ``x.abs().sum(0)``. Repetitions rotate the order of the implementations;
+and ``column_stats`` against one eager ``x.abs().sum(0)``, at each thread count of ``--threads`` (default: torch's
+default, then 1: on a shared machine a single thread is not left waiting for a descheduled OpenMP worker, so its
+ratios are the cleaner measure of the kernels). Repetitions rotate the order of the implementations;
 each repetition's ratio to the floor is kept, and the table gives medians with quartiles. The machine may be shared:
-its load average is recorded, and the spread says how noisy the run was. glibc returns freed 25 MB buffers to the
+its load average is recorded, and the spread says how noisy the run was. At one thread the calling thread's CPU time
+(``time.thread_time``) is the whole call's cost whatever the scheduler does, so those rows also give its ratio. glibc returns freed 25 MB buffers to the
 OS and the next call pays the page faults; the script re-executes itself with ``MALLOC_MMAP_THRESHOLD_`` and
 ``MALLOC_TRIM_THRESHOLD_`` raised so that every implementation allocates alike. Writes
 bench/results/cpu_stats.{json,md,png} with the machine, thread count and versions.
@@ -65,62 +68,82 @@ def cases() -> dict[str, dict[str, Callable[[], object]]]:
     return out
 
 
-def timed_ms(fn: Callable[[], object]) -> float:
-    start = time.perf_counter()
+def timed_ms(fn: Callable[[], object]) -> tuple[float, float]:
+    """(wall, calling thread's CPU) milliseconds of one call."""
+    wall, cpu = time.perf_counter(), time.thread_time()
     fn()
-    return (time.perf_counter() - start) * 1e3
+    return (time.perf_counter() - wall) * 1e3, (time.thread_time() - cpu) * 1e3
 
 
-def run(reps: int) -> list[dict]:
-    """Interleaved repetitions of every case; one row per (case, implementation)."""
+def quartiles(xs: list[float]) -> tuple[float, float, float]:
+    """(first quartile, median, third quartile) of xs."""
+    q = statistics.quantiles(xs, n=4)
+    return q[0], statistics.median(xs), q[2]
+
+
+def run(reps: int, threads: int) -> list[dict]:
+    """Interleaved repetitions of every case on ``threads`` threads; one row per (case, implementation)."""
+    torch.set_num_threads(threads)
     rows = []
     for case, impls in cases().items():
         names = list(impls)
         for fn in impls.values():  # warm-up
             fn()
-        times: dict[str, list[float]] = {n: [] for n in names}
+        times: dict[str, list[tuple[float, float]]] = {n: [] for n in names}
         for rep in range(reps):
             for name in names[rep % len(names):] + names[: rep % len(names)]:
                 times[name].append(timed_ms(impls[name]))
         floor = times[names[0]]
         for name, ts in times.items():
-            ratios = [t / f for t, f in zip(ts, floor)]
-            q = statistics.quantiles(ts, n=4)
-            rq = statistics.quantiles(ratios, n=4)
-            rows.append({"case": case, "impl": name, "median_ms": statistics.median(ts), "q1_ms": q[0], "q3_ms": q[2],
-                         "vs_floor": statistics.median(ratios), "vs_floor_q1": rq[0], "vs_floor_q3": rq[2]})
+            q1, med, q3 = quartiles([t for t, _ in ts])
+            r1, ratio, r3 = quartiles([t / f for (t, _), (f, _) in zip(ts, floor)])
+            c1, cpu_ratio, c3 = quartiles([c / f for (_, c), (_, f) in zip(ts, floor)])
+            rows.append({"threads": threads, "case": case, "impl": name, "median_ms": med, "q1_ms": q1, "q3_ms": q3,
+                         "vs_floor": ratio, "vs_floor_q1": r1, "vs_floor_q3": r3,
+                         "cpu_ms": statistics.median(c for _, c in ts), "cpu_vs_floor": cpu_ratio,
+                         "cpu_vs_floor_q1": c1, "cpu_vs_floor_q3": c3})
     return rows
 
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--reps", type=int, default=15)
+    p.add_argument("--threads", default=",".join(map(str, dict.fromkeys([torch.get_num_threads(), 1]))),
+                   help="comma-separated thread counts (default: torch's default, then 1)")
     args = p.parse_args(argv)
+    thread_counts = [int(t) for t in args.threads.split(",")]
     if any(os.environ.get(k) != v for k, v in ALLOCATOR.items()):  # glibc reads them at start-up only
         os.execve(sys.executable, [sys.executable, "-m", "bench.bench_cpu_stats", *(argv or sys.argv[1:])],
                   {**os.environ, **ALLOCATOR})
     if "cpp" not in ops.available_backends("cpu"):
         sys.exit("bench_cpu_stats: the C++ extension minigpt._C is not built; nothing to compare")
     load = os.getloadavg()[0]
-    rows = run(args.reps)
-    meta = {"shape": [T, N], "threads": torch.get_num_threads(), "torch": torch.__version__, "reps": args.reps,
+    rows = [row for threads in thread_counts for row in run(args.reps, threads)]
+    meta = {"shape": [T, N], "threads": thread_counts, "torch": torch.__version__, "reps": args.reps,
             "cpu": platform.processor() or platform.machine(), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
             "load_avg_1min_before": load, "load_avg_1min_after": os.getloadavg()[0], "allocator": ALLOCATOR}
-    title = (f"CPU statistics vs what they replace, ({T}, {N}), {meta['threads']} threads, torch {meta['torch']} "
+    title = (f"CPU statistics vs what they replace, ({T}, {N}), {args.threads} threads, torch {meta['torch']} "
              f"({meta['cpu_capability']}), {args.reps} interleaved repetitions, load average {load:.1f} before / "
              f"{meta['load_avg_1min_after']:.1f} after (a shared machine: see the quartiles)")
-    lines = [title, "", "| case | implementation | median ms | quartiles ms | × the eager floor (median, quartiles) |",
-             "|---|---|---|---|---|"]
-    lines += [f"| {r['case']} | {r['impl']} | {r['median_ms']:.2f} | {r['q1_ms']:.2f}-{r['q3_ms']:.2f} | "
-              f"{r['vs_floor']:.2f}× ({r['vs_floor_q1']:.2f}-{r['vs_floor_q3']:.2f}) |" for r in rows]
+    header = ("| threads | case | implementation | median ms | quartiles ms | × the eager floor (median, quartiles) "
+              "| 1 thread: CPU ms, × the floor in CPU time (median, quartiles) |")
+    lines = [title, "", header, "|---|---|---|---|---|---|---|"]
+    lines += [f"| {r['threads']} | {r['case']} | {r['impl']} | {r['median_ms']:.2f} | "
+              f"{r['q1_ms']:.2f}-{r['q3_ms']:.2f} | {r['vs_floor']:.2f}× "
+              f"({r['vs_floor_q1']:.2f}-{r['vs_floor_q3']:.2f}) | " + (
+                  f"{r['cpu_ms']:.2f}, {r['cpu_vs_floor']:.2f}× ({r['cpu_vs_floor_q1']:.2f}-{r['cpu_vs_floor_q3']:.2f})"
+                  if r["threads"] == 1 else "") + " |" for r in rows]
     table = "\n".join(lines)
     print(table)
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "cpu_stats.md").write_text(table + "\n")
     (RESULTS / "cpu_stats.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
-    bar_chart(RESULTS / "cpu_stats.png", title[:90], "ms per call (median, whiskers: quartiles)",
-              {case: [(r["impl"], r["median_ms"], r["q1_ms"], r["q3_ms"]) for r in rows if r["case"] == case]
-               for case in dict.fromkeys(r["case"] for r in rows)})
+    ours = [r for r in rows if r["impl"].startswith("cpp")]
+    bar_chart(RESULTS / "cpu_stats.png", title[:90],
+              "× eager act(gate)*up or x.abs().sum(0) (median, whiskers: quartiles)",
+              {f"C++ kernels, {threads} thread(s)": [("eager floor", 1.0, 1.0, 1.0)] + [
+                  (r["case"], r["vs_floor"], r["vs_floor_q1"], r["vs_floor_q3"])
+                  for r in ours if r["threads"] == threads] for threads in thread_counts})
 
 
 if __name__ == "__main__":
