@@ -1,8 +1,7 @@
 // Body of the CPU statistics kernels. Included by one .cpp per instruction set, which defines MINIGPT_ISA
 // (the namespace) and the target; plain loops over contiguous columns that the compiler vectorises.
 // Built with -ffp-contract=off (FMAs only where written, fma_f32: the AVX2 and AVX-512 kernels give the same bits),
-// -fno-trapping-math (selects vectorise)
-// and -fno-tree-loop-distribute-patterns (no memcpy/memset calls for short rows).
+// -fno-trapping-math (selects vectorise) and -fno-tree-loop-distribute-patterns (no memcpy/memset calls).
 #ifndef MINIGPT_ISA
 #error "define MINIGPT_ISA before including kernels_impl.h"
 #endif
@@ -153,7 +152,7 @@ inline void accumulate_rows(const StatsArgs& a, int64_t t, int64_t c0, int64_t n
   const T* __restrict u = kGated ? static_cast<const T*>(a.up) + off : nullptr;
   T* __restrict o = kOut ? static_cast<T*>(a.out) + off : nullptr;
   const float active_min = a.active_min;
-#pragma GCC ivdep
+#pragma GCC ivdep  // o is a new tensor and the accumulators live on the stack: no store aliases a load
   for (int64_t j = 0; j < nc; ++j) {
     float sum1 = s1[j], sum2 = s2[j], m = mx[j];
     int32_t count = nz[j];
@@ -171,7 +170,7 @@ inline void accumulate_rows(const StatsArgs& a, int64_t t, int64_t c0, int64_t n
       const float av = std::fabs(v);
       sum1 += av;
       sum2 += v * v;
-      m = av > m ? av : m;  // NaN skipped here, restored from Σ|h| below
+      m = av > m ? av : m;  // NaN skipped here, restored from Σ|h| in the fold (ops_cpu.cpp)
       count += active;
     }
     s1[j] = sum1;
