@@ -234,14 +234,16 @@ def test_cli_compensated_obs_model_loads_with_stock_transformers(model_dir, corp
 
 def test_cli_budget_and_sequential(model_dir, corpus_dir, tmp_path):
     out = tmp_path / "budget"
-    assert _prune(model_dir, corpus_dir, out, "--max-ppl-increase", "0.05", "--budget-tokens", "256") == 0
+    assert _prune(model_dir, corpus_dir, out, "--max-ppl-increase", "0.05", "--budget-tokens", "256",
+                  "--budget-doc-tokens", "64", "--eval-data", corpus_dir) == 0
     report = json.loads((out / "minigpt_report.json").read_text())
     budget = report["budget"]
     assert report["plan"]["budget"] == budget and len(budget["curve"]) >= 2
+    assert budget["tokens"] == 256 and budget["documents"] == 4 and budget["confidence"] == 0.95
     assert report["removed_fraction"] == pytest.approx(budget["ratio"], abs=0.02)
     chosen = next(p for p in budget["curve"] if p["ratio"] == budget["ratio"])
-    assert chosen["perplexity"] <= budget["limit"]
-    assert all(p["perplexity"] > budget["limit"] for p in budget["curve"] if p["ratio"] > budget["ratio"])
+    assert chosen["perplexity"] <= budget["limit"] and chosen["increase"] <= chosen["upper_increase"] <= 0.05
+    assert all(p["upper_increase"] > 0.05 for p in budget["curve"] if p["ratio"] > budget["ratio"])
     assert _prune(model_dir, corpus_dir, tmp_path / "seq", "--ratio", "0.25", "--sequential") == 0
     assert json.loads((tmp_path / "seq" / "minigpt_plan.json").read_text())["policy"]["sequential"]
 
