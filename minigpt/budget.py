@@ -80,7 +80,7 @@ def ratio_bound(base: torch.Tensor, pruned: torch.Tensor, tokens: torch.Tensor, 
 
 def size_by_budget(model, tokenizer, docs: list[torch.Tensor], prune_at, *, max_increase: float,
                    confidence: float = 0.95, high: float = 0.9, steps: int = 6) -> dict:
-    """The largest ratio in ``[0, high]`` (to ``high / 2**steps``) whose perplexity ratio to the unpruned model's
+    """The largest ratio in ``[0, high)`` (to ``high / 2**steps``, ``steps`` candidates) whose perplexity ratio to the unpruned model's
     on ``docs`` (``sizing_documents``) is within ``1 + max_increase`` at ``confidence`` (module doc);
     ``prune_at(model_copy, ratio) -> model`` prunes a copy.
 
@@ -110,12 +110,9 @@ def size_by_budget(model, tokenizer, docs: list[torch.Tensor], prune_at, *, max_
         return upper <= 1 + max_increase
 
     good, bad = 0.0, high
-    if within(high):
-        good = high
-    else:
-        for _ in range(steps):
-            mid = round((good + bad) / 2, 6)
-            good, bad = (mid, bad) if within(mid) else (good, mid)
+    for _ in range(steps):
+        mid = round((good + bad) / 2, 6)
+        good, bad = (mid, bad) if within(mid) else (good, mid)
     return {"ratio": good, "max_increase": max_increase, "confidence": confidence, "base_perplexity": base_ppl,
             "limit": base_ppl * (1 + max_increase), "tokens": int(tokens.sum()), "documents": len(docs),
             "curve": sorted(curve, key=lambda p: p["ratio"])}

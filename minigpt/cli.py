@@ -51,8 +51,9 @@ def _add_compensation_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--compensate", default="auto", choices=("auto", "none", "bias", "lstsq"),
                    help="refit down_proj on the kept neurons (README: Compensation); auto: lstsq when the "
                    "statistics hold Gram matrices, none otherwise")
-    p.add_argument("--select", default="metric", choices=("metric", "obs"),
-                   help="which neurons go: the metric's lowest, or greedy structured OBS (counts from the metric)")
+    p.add_argument("--select", default="auto", choices=("auto", "metric", "obs"),
+                   help="which neurons go: the metric's lowest, or greedy structured OBS (counts from the metric); "
+                   "auto: obs when the refit is lstsq and the metric the default l1 (not --reverse, not --plan)")
     p.add_argument("--damping", type=float, default=0.01, help="least-squares / OBS damping (fraction of the "
                    "mean diagonal of the second moment)")
     p.add_argument("--sequential", action="store_true", help="calibrate, prune and refit layer by layer on the "
@@ -370,6 +371,9 @@ def cmd_prune(args) -> None:
         raise MiniGPTError("--heads/--hidden/--layers/--target-params do not combine with --max-ppl-increase or "
                            "--sequential (MLP neurons only)")
     compensate = _compensation(args, stats, given_plan)
+    if args.select == "auto":
+        obs = compensate == "lstsq" and given_plan is None and args.metric == "l1" and not args.reverse
+        args.select = "obs" if obs else "metric"
     if args.out_of_core:
         return _prune_out_of_core(args, Path(source), out, stats, given_plan, ratio)
     model, tokenizer = _load(args)
