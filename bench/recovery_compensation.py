@@ -3,7 +3,7 @@
 Collects the ``minigpt finetune`` outputs of the same plan pruned with and without the refit (their
 ``minigpt_report.json``), and writes ``<out>.json``, ``<out>.md`` and ``<out>.png`` (perplexity against
 fine-tuning tokens, with the unpruned model's). For each curve and each threshold (the unpruned perplexity ×
-1, 1.1, 1.25, 1.5) it gives the first evaluated step at or below it (None: not reached within the run).
+1, 1.25, 1.5, 1.75, 2, 2.25) it gives the first evaluated step at or below it (None: not reached within the run).
 
     python -m bench.recovery_compensation --runs "l1 40 %=ft_none" "l1+lstsq 40 %=ft_lstsq" \
         --out bench/results/recovery_compensation_smollm2
@@ -17,7 +17,7 @@ from pathlib import Path
 
 from minigpt.experiment import plot_recovery
 
-FACTORS = (1.0, 1.1, 1.25, 1.5)
+FACTORS = (1.0, 1.25, 1.5, 1.75, 2.0, 2.25)
 
 
 def first_step(history: list[dict], limit: float) -> int | None:
@@ -25,11 +25,23 @@ def first_step(history: list[dict], limit: float) -> int | None:
     return next((h["step"] for h in history if h["perplexity"] <= limit), None)
 
 
+def _chained(stages: list[dict]) -> dict:
+    """One fine-tuning report from runs that continued each other (``minigpt finetune`` on its own output):
+    histories joined with steps and tokens counted from the first run's start, seconds summed."""
+    history, steps, tokens = [], 0, 0
+    for stage in stages:
+        for h in stage["history"][1 if history else 0:]:  # a continuation's step 0 is the last step before it
+            history.append({**h, "step": h["step"] + steps, "tokens": h["tokens"] + tokens})
+        steps, tokens = history[-1]["step"], history[-1]["tokens"]
+    return {**stages[0], "history": history, "steps": steps, "tokens": tokens, "stages": len(stages),
+            "seconds": round(sum(s["seconds"] for s in stages), 1), "target": stages[-1]["target"]}
+
+
 def collect(runs: dict[str, Path]) -> dict:
     curves = {}
     for label, path in runs.items():
         report = json.loads((Path(path) / "minigpt_report.json").read_text())
-        ft = report["finetune"]
+        ft = _chained(report.get("earlier_finetunes", []) + [report["finetune"]])
         curves[label] = {"pruning": {k: report["plan"].get(k) for k in ("metric", "ratio", "select", "compensate")},
                          "finetune": ft}
     base = {c["finetune"]["target"] for c in curves.values()}
