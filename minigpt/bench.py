@@ -7,7 +7,9 @@ Model specs: a saved directory or ``.gguf`` file, ``default`` (SmolLM2-135M), or
 (``tiny-llama``, ``llama-3.2-1b``, ``llama-3.1-8b``: random-initialised in code, no download), each optionally
 suffixed ``@RATIO[/MULTIPLE]``: remove that fraction of every layer's MLP neurons (uniform), kept widths rounded
 up to MULTIPLE. The neurons removed are those with the smallest weight magnitude (L2 norm of all weights
-touching the neuron); speed and memory depend only on the widths, not on which neurons go.
+touching the neuron); speed and memory depend only on the widths, not on which neurons go. ``@params=KEEP``
+instead keeps that fraction of the parameters by ``prune --target-params``'s rule (``minigpt.policy``: MLP
+neurons and query heads), ranked by statistics of two seeded random-token sequences of 256 (``budget_prune``).
 
 Memory: on CUDA ``torch.cuda.max_memory_allocated`` over the call (``peak_bytes``, weights included) and its
 increase over the allocation before the call (``increase_bytes``). On CPU the process's resident set size,
@@ -32,7 +34,7 @@ from pathlib import Path
 
 import torch
 
-from minigpt import adapters
+from minigpt import adapters, moe
 from minigpt.errors import MiniGPTError
 from minigpt.evaluation import parameter_counts, weight_bytes
 
@@ -46,22 +48,25 @@ NAMED_CONFIGS = {
     "llama-3.1-8b": dict(_LLAMA3, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
                          tie_word_embeddings=False),
 }
-_SUFFIX = re.compile(r"^(?P<ratio>\d*\.?\d+)(?:/(?P<multiple>\d+))?$")
+_SUFFIX = re.compile(r"^(?P<budget>params=)?(?P<ratio>\d*\.?\d+)(?:/(?P<multiple>\d+))?$")
 TOKEN_RANGE = 256
 
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """A model to benchmark: ``base`` (path, ``default`` or a named shape), pruned by ``ratio`` if given."""
+    """A model to benchmark: ``base`` (path, ``default`` or a named shape), pruned by ``ratio`` (MLP) or to
+    ``target_params`` (the parameter budget) if given."""
 
     text: str
     base: str
     ratio: float | None = None
     multiple: int | None = None  # None: not given (1, or each ablation multiple)
+    target_params: float | None = None
 
     @classmethod
     def parse(cls, text: str) -> ModelSpec:
-        """``BASE[@RATIO[/MULTIPLE]]``; one-line error for an unknown base or a bad suffix."""
+        """``BASE[@RATIO[/MULTIPLE]]`` or ``BASE@params=KEEP[/MULTIPLE]``; one-line error for an unknown base or a
+        bad suffix."""
         base, at, suffix = text.rpartition("@")
         if not at or Path(text).exists():
             base, suffix = text, None
@@ -72,8 +77,12 @@ class ModelSpec:
         match = _SUFFIX.match(suffix)
         ratio = float(match["ratio"]) if match else -1.0
         multiple = int(match["multiple"]) if match and match["multiple"] else None
-        if not (0.0 <= ratio < 1.0 and (multiple is None or multiple >= 1)):
-            raise MiniGPTError(f"model {text!r}: pruning suffix must be @RATIO[/MULTIPLE], 0 <= RATIO < 1, MULTIPLE >= 1")
+        budget = bool(match and match["budget"])
+        if not ((0.0 < ratio if budget else 0.0 <= ratio) and ratio < 1.0 and (multiple is None or multiple >= 1)):
+            raise MiniGPTError(f"model {text!r}: pruning suffix must be @RATIO[/MULTIPLE] (0 <= RATIO < 1) or "
+                               f"@params=KEEP[/MULTIPLE] (0 < KEEP < 1), MULTIPLE >= 1")
+        if budget:
+            return cls(text, base, multiple=multiple, target_params=ratio)
         return cls(text, base, ratio, multiple)
 
 
@@ -89,7 +98,9 @@ def expand_ablation(specs: list[ModelSpec], multiples: list[int]) -> list[ModelS
 
 
 def magnitude_scores(model) -> list[torch.Tensor]:
-    """Per-layer neuron scores: L2 norm of every weight touching the neuron (rows of gate/up, columns of down)."""
+    """Per-layer neuron scores: L2 norm of every weight touching the neuron (rows of gate/up, columns of down).
+
+    Returns one ``(N,)`` tensor per layer."""
     layout = adapters.get_layout(model)
     out = []
     for mlp in adapters.mlps(model):
@@ -97,7 +108,10 @@ def magnitude_scores(model) -> list[torch.Tensor]:
         for side, names in (("rows", layout.rows), ("cols", layout.cols)):
             for name in names:
                 w = getattr(mlp, name).weight.detach().float()
-                sq = sq + w.pow(2).sum(dim=1 - adapters.neuron_dim(layout, side))
+                part = w.pow(2).sum(dim=1 - adapters.neuron_dim(layout, side))
+                if side == "rows" and layout.packed:  # a fused gate_up: neuron j is rows j and N+j
+                    part = part.view(2, -1).sum(0)
+                sq = sq + part
         out.append(sq.sqrt().double().cpu())
     return out
 
@@ -117,12 +131,30 @@ def load(spec: ModelSpec, device: str, dtype: torch.dtype, trust_remote_code: bo
     else:
         model, _ = load_model(None if spec.base == "default" else spec.base, dtype=dtype, device=device,
                               trust_remote_code=trust_remote_code)
+    if spec.ratio and moe.is_moe(model):
+        raise MiniGPTError(f"model {spec.text!r}: @RATIO prunes dense MLPs; prune experts with minigpt prune "
+                           "--experts/--expert-neurons and bench the saved directory")
     if spec.ratio:
         multiple = spec.multiple or 1
         policy = {"scores": "weight_l2", "ratio": spec.ratio, "scope": "uniform", "multiple": multiple}
         plan = plan_from_scores(magnitude_scores(model), ratio=spec.ratio, multiple=multiple, policy=policy)
         model, _ = prune(model, pruning_plan=plan)
+    if spec.target_params:
+        model = budget_prune(model, spec.target_params, spec.multiple or 1)
     return model.eval()
+
+
+def budget_prune(model, keep: float, multiple: int = 1):
+    """``model`` pruned to ``keep`` of its parameters by the ``target_params`` rule, ranked by the statistics of two
+    seeded random-token sequences of 256 (which neurons and heads go does not change speed or memory)."""
+    from minigpt.calibration import run_batches
+    from minigpt.pipeline import prune
+    from minigpt.policy import Policy
+    from minigpt.stats import CalibrationStats, fingerprint
+
+    ids = torch.randint(TOKEN_RANGE, (2, 256), generator=torch.Generator().manual_seed(0))
+    stats = run_batches(model, [ids], CalibrationStats.empty(fingerprint(model)), progress=False)
+    return prune(model, stats=stats, policy=Policy(target_params=keep, multiple=multiple))[0]
 
 
 def _sync(device: str) -> None:
@@ -222,8 +254,8 @@ def measure(model, ids: torch.Tensor, *, device: str, prompt_lengths: list[int],
     def generate(x):
         return model.generate(x, attention_mask=torch.ones_like(x), generation_config=greedy)
 
-    result = {"params": parameter_counts(model), "weight_bytes": weight_bytes(model),
-              "mlp_widths": adapters.widths(model), "prefill": {}, "decode": {}}
+    result = {"params": parameter_counts(model), "weight_bytes": weight_bytes(model), **_mlp_shape(model),
+              "prefill": {}, "decode": {}}
     for length in prompt_lengths:
         result["prefill"][str(length)] = summary(_timings(prefill, lambda n=length: ids[:1, :n], **timing))
     for batch in batch_sizes:
@@ -240,6 +272,16 @@ def measure(model, ids: torch.Tensor, *, device: str, prompt_lengths: list[int],
                      **peak_memory(lambda: generate(ids[:big, :context]), device)},
     }
     return result
+
+
+def _mlp_shape(model) -> dict:
+    """``mlp_widths`` per layer; for a mixture of experts the experts' width and ``experts`` (count) per sparse
+    layer, and ``params["active"]``, the parameters one token goes through (``moe.moe_parameter_counts``)."""
+    if not moe.is_moe(model):
+        return {"mlp_widths": adapters.widths(model)}
+    layers = moe.moe_layers(model)
+    return {"mlp_widths": [m.experts.down_proj.shape[2] for m in layers],
+            "experts": [m.experts.down_proj.shape[0] for m in layers]}
 
 
 def relative(base: dict, other: dict) -> dict:
@@ -312,7 +354,7 @@ def _vllm(spec: ModelSpec, model, ids: torch.Tensor, dtype: torch.dtype, setting
     from minigpt.compact import save_pruned
     from minigpt.io import default_model_path
 
-    if spec.ratio is None and spec.base not in NAMED_CONFIGS:
+    if spec.ratio is None and spec.target_params is None and spec.base not in NAMED_CONFIGS:
         path = default_model_path() if spec.base == "default" else Path(spec.base)
         return vllm_bench.measure(path, ids, dtype=dtype, summary=summary, **settings)
     with tempfile.TemporaryDirectory() as tmp:
@@ -343,14 +385,17 @@ def format_table(report: dict) -> str:
     meta, models = report["meta"], report["models"]
     lengths, batches = meta["prompt_lengths"], meta["batch_sizes"]
     mem = "peak" if meta["device"].startswith("cuda") else "increase"
-    head = (["model", "params", "MLP params", "weights MiB"] + [f"prefill {n} ms" for n in lengths]
+    active = any("active" in m["params"] for m in models)  # a mixture of experts: parameters per token
+    head = (["model", "params", *(["active params"] if active else []), "MLP params", "weights MiB"]
+            + [f"prefill {n} ms" for n in lengths]
             + [f"decode b{b} tok/s" for b in batches]
             + [f"generate {meta['decode_tokens']} ms", f"prefill {mem} MiB", f"generate {mem} MiB"])
     rows = []
     for m in models:
         decode = [f"{d['tokens_per_s']:.1f} ({d['tokens_per_s_q1']:.1f}–{d['tokens_per_s_q3']:.1f})"
                   for d in (m["decode"][str(b)] for b in batches)]
-        rows.append([_label(m), f"{m['params']['total']:,}", f"{m['params']['mlp']:,}", _mib(m["weight_bytes"])]
+        shown = [f"{m['params'].get('active', m['params']['total']):,}"] if active else []
+        rows.append([_label(m), f"{m['params']['total']:,}", *shown, f"{m['params']['mlp']:,}", _mib(m["weight_bytes"])]
                     + [_ms(m["prefill"][str(n)]) for n in lengths] + decode + [_ms(m["generate"])]
                     + [_mib(m["memory"][p][f"{mem}_bytes"]) for p in ("prefill", "generate")])
     rel_head = (["model", "params", "weights"] + [f"prefill {n}" for n in lengths] + [f"decode b{b}" for b in batches]

@@ -53,7 +53,7 @@ def _add_compensation_args(p: argparse.ArgumentParser) -> None:
                    "statistics hold Gram matrices, none otherwise")
     p.add_argument("--select", default="auto", choices=("auto", "metric", "obs"),
                    help="which neurons go: the metric's lowest, or greedy structured OBS (counts from the metric); "
-                   "auto: obs when the refit is lstsq and the metric the default l1 (not --reverse, not --plan)")
+                   "auto: obs when the refit is lstsq and the metric the default l1 (not --reverse, --plan, --out-of-core)")
     p.add_argument("--damping", type=float, default=0.01, help="least-squares / OBS damping (fraction of the "
                    "mean diagonal of the second moment)")
     p.add_argument("--sequential", action="store_true", help="calibrate, prune and refit layer by layer on the "
@@ -125,7 +125,8 @@ def build_parser() -> argparse.ArgumentParser:
     policy.add_argument("--max-ppl-increase", type=float, help="remove as much as keeps the held-out perplexity "
                         "within this relative increase (0.10: 10 %%), by bisection over plans of one calibration")
     _add_compensation_args(pr)
-    pr.add_argument("--scope", default="uniform", choices=("uniform", "global"), help="how --ratio is spread")
+    pr.add_argument("--scope", default="uniform", choices=("uniform", "global"),
+                    help="how --ratio (or --experts: per-layer expert counts) is spread")
     pr.add_argument("--multiple", type=_multiple, default="auto",
                     help="round kept widths up to a multiple: 'auto' (default) = 32, the block of GGUF Q8_0/Q4_0, "
                          "when the model's widths are multiples of 32 and ≥ 256; 64/128 for tensor cores; 1 = exact")
@@ -267,7 +268,7 @@ def _removed(plan) -> str:
             f"{100 * plan.removed_fraction:.3f}%; kept widths rounded up to multiples of {plan.policy.get('multiple', 1)})")
 
 
-def _prune_out_of_core(args, source: Path, out: Path, stats, given_plan, ratio) -> None:
+def _prune_out_of_core(args, source: Path, out: Path, stats, given_plan, policy, compensate: str) -> None:
     """``prune --out-of-core``: the safetensors checkpoint is rewritten shard by shard, never loaded (no eval)."""
     from minigpt.sharded import prune_checkpoint
 
@@ -275,15 +276,14 @@ def _prune_out_of_core(args, source: Path, out: Path, stats, given_plan, ratio) 
         raise MiniGPTError("--out-of-core needs --stats or --plan (calibrate first, e.g. under torchrun)")
     if args.vocab:
         raise MiniGPTError("--out-of-core does not prune the vocabulary")
-    _, plan, report = prune_checkpoint(
-        source, out, stats=stats, pruning_plan=given_plan, metric=args.metric, threshold=args.threshold,
-        ratio=ratio, scope=args.scope, multiple=args.multiple, min_keep=args.min_keep, reverse=args.reverse,
-        trust_remote_code=args.trust_remote_code)
+    _, plan, report = prune_checkpoint(source, out, stats=stats, pruning_plan=given_plan, metric=args.metric,
+                                       policy=policy, trust_remote_code=args.trust_remote_code,
+                                       compensate=compensate, damping=args.damping)
     if args.json:
         print(json.dumps(report, indent=1))
         return
     sizes = report["weight_bytes"]
-    print(f"removed {_removed(plan)} out of core; saved to {out} "
+    print(f"removed {_removed(plan)}{_structures_line(plan)} out of core; saved to {out} "
           f"(weights {sizes['before'] / 2**20:,.1f} MiB -> {sizes['after'] / 2**20:,.1f} MiB)")
 
 
@@ -295,8 +295,11 @@ def _compensation(args, stats, given_plan) -> str:
     what = f"--compensate {args.compensate}" if args.select != "obs" else "--select obs"
     if refits and args.no_gram:
         raise MiniGPTError(f"{what} needs the Gram statistics that --no-gram turns off")
-    if refits and args.out_of_core:
-        raise MiniGPTError(f"{what} is not available with --out-of-core (it refits weights in memory)")
+    if args.select == "obs" and args.out_of_core:
+        raise MiniGPTError("--select obs is not available with --out-of-core (OBS picks neurons from every layer's "
+                           "weights while planning, before any shard is read)")
+    if refits and args.out_of_core and stats is None:
+        raise MiniGPTError(f"{what} with --out-of-core needs --stats holding Gram statistics")
     if refits and stats is not None and stats.gram is None:
         raise MiniGPTError(f"{what} needs Gram statistics; {args.stats} has none (calibrate without --no-gram)")
     if args.max_ppl_increase is not None and (given_plan is not None or args.out_of_core or args.sequential):
@@ -311,7 +314,7 @@ def _compensation(args, stats, given_plan) -> str:
                            f"not {args.metric}")
     if args.compensate != "auto":
         return args.compensate
-    no_gram = args.no_gram or args.out_of_core or (stats.gram is None if stats is not None else given_plan is not None)
+    no_gram = args.no_gram or (stats.gram is None if stats is not None else given_plan is not None)
     return "none" if no_gram else "lstsq"
 
 
@@ -365,17 +368,18 @@ def cmd_prune(args) -> None:
                     target_params=args.target_params, seed=args.seed)
     if structural and args.threshold is None and ratio is None and args.target_params is None:
         policy = replace(policy, mlp=0.0)
-    if structural and (args.out_of_core or args.reverse):
-        raise MiniGPTError("--heads/--hidden/--layers/--target-params work in memory and without --reverse")
+    if structural and args.reverse:
+        raise MiniGPTError("--heads/--hidden/--layers/--target-params do not combine with --reverse")
     if structural and (args.max_ppl_increase is not None or args.sequential):
         raise MiniGPTError("--heads/--hidden/--layers/--target-params do not combine with --max-ppl-increase or "
                            "--sequential (MLP neurons only)")
     compensate = _compensation(args, stats, given_plan)
     if args.select == "auto":
-        obs = compensate == "lstsq" and given_plan is None and args.metric == "l1" and not args.reverse
+        obs = (compensate == "lstsq" and given_plan is None and args.metric == "l1" and not args.reverse
+               and not args.out_of_core)
         args.select = "obs" if obs else "metric"
     if args.out_of_core:
-        return _prune_out_of_core(args, Path(source), out, stats, given_plan, ratio)
+        return _prune_out_of_core(args, Path(source), out, stats, given_plan, policy, compensate)
     model, tokenizer = _load(args)
     before = None if args.no_eval else _eval(model, tokenizer, args)
     reference = parameter_counts(model)["total"]

@@ -34,7 +34,7 @@ def compact(model, plan: PruningPlan, backend: str = "auto"):
 
 
 TRACKED_ATTRS = ("num_heads", "num_key_value_heads", "num_key_value_groups", "head_dim", "scaling", "split_size",
-                 "embed_dim")
+                 "embed_dim", "num_experts", "intermediate_dim")  # the last two: MoE routers and fused experts
 
 
 def stock_differences(model) -> tuple[dict, dict]:

@@ -102,7 +102,7 @@ def bias_slot(model) -> str:
     return "mlp_bias" if hasattr(model.config, "mlp_bias") else "none"
 
 
-def _add_mlp_biases(model) -> None:
+def add_mlp_biases(model) -> None:
     """Zero biases on every MLP projection that has none (what a config with ``mlp_bias`` makes on loading).
 
     The config flag is set by ``mark_mlp_bias`` after compaction, which checks the plan against the unchanged one.
@@ -140,7 +140,7 @@ def compensate_layer(model, stats: CalibrationStats, layer: int, kept: torch.Ten
                            "(use lstsq, which refits without one)")
     m, mu = moments(stats, layer if stats_layer is None else stats_layer, centred=slot != "none")
     if slot == "mlp_bias" and proj.bias is None:
-        _add_mlp_biases(model)
+        add_mlp_biases(model)
     w = proj.weight.detach().movedim(dim, 1)  # (D, N)
     new_k, bias = refit(w.cpu(), m, mu if slot != "none" else None, kept, method, damping)
     full = torch.zeros_like(w, dtype=torch.float64, device="cpu")

@@ -12,7 +12,8 @@ from minigpt.data import document_window, iter_texts, iter_token_ids, resolve_fi
 
 
 def parameter_counts(model) -> dict[str, int]:
-    """Unique parameters (tied weights once): total, mlp, attention, embedding (+ untied LM head), other."""
+    """Unique parameters (tied weights once): total, mlp, attention, embedding (+ untied LM head), other; for a
+    mixture of experts also ``active``, those one token goes through (``moe.moe_parameter_counts``)."""
     owner: dict[int, str] = {}
     if moe.is_moe(model):  # routed experts, routers and shared experts
         mlp_ids = {id(p) for m in moe.moe_layers(model) for part in (m.experts, m.router, m.shared)
@@ -35,6 +36,8 @@ def parameter_counts(model) -> dict[str, int]:
         owner[id(p)] = part
         counts[part] += p.numel()
         counts["total"] += p.numel()
+    if moe.is_moe(model):
+        counts["active"] = moe.moe_parameter_counts(model)["active"]
     return counts
 
 

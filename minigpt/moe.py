@@ -33,8 +33,9 @@ from minigpt.stats import check_fingerprint, content_hash
 
 MOE_TYPES = ("mixtral", "olmoe", "qwen2_moe", "qwen3_moe")
 CRITERIA = ("freq", "mass")  # routing frequency (top-k selections) or routing-weight mass
+SCOPES = ("uniform", "global")  # the same expert count in every block, or counts from one ranking across blocks
 NEURON_METRICS = {"l1": "sum_abs", "l2": "sum_sq", "max": "max_abs", "freq": "nonzero"}
-_MAXIMA = ("max_abs", "shared_max_abs")
+MAXIMA = ("max_abs", "shared_max_abs")  # merged by max, the other fields by sum
 FORMAT_VERSION = 1
 # Kept expert widths are rounded up to a multiple of this: transformers' default experts kernel (grouped_mm) needs
 # rows of a multiple of 16 bytes, i.e. 8 bf16 or 4 fp32 values; a saved model with another width fails to run.
@@ -118,7 +119,7 @@ class MoEStats:
     def merge(self, other: MoEStats) -> MoEStats:
         """Statistics of both corpora: sums add, maxima take the max. Refuses another model's statistics."""
         check_fingerprint(self.fingerprint, other.fingerprint, "expert statistics")
-        layers = [{k: torch.maximum(a[k], b[k]) if k in _MAXIMA else a[k] + b[k] for k in a}
+        layers = [{k: torch.maximum(a[k], b[k]) if k in MAXIMA else a[k] + b[k] for k in a}
                   for a, b in zip(self.layers, other.layers)]
         return MoEStats(layers, self.tokens + other.tokens, dict(self.fingerprint), dict(self.meta))
 
@@ -275,86 +276,6 @@ def collect(model, batches, stats: MoEStats | None = None, backend: str = "auto"
     return stats
 
 
-def all_reduce(stats: MoEStats) -> MoEStats:
-    """Every rank's statistics summed (maxima: the max), in place on every rank; unchanged without a process group."""
-    import torch.distributed as dist
-
-    from minigpt import distributed
-
-    if not dist.is_initialized():
-        return stats
-    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else None
-    for layer in stats.layers:
-        for key, t in layer.items():
-            t = t.to(device or t.device)
-            dist.all_reduce(t, op=dist.ReduceOp.MAX if key in _MAXIMA else dist.ReduceOp.SUM)
-            layer[key] = t.cpu()
-    stats.tokens = distributed.all_sum([stats.tokens])[0]
-    return stats
-
-
-def _restore(checkpoint, resume: bool, fp: dict, run: dict) -> MoEStats | None:
-    """The statistics saved in ``checkpoint`` by an interrupted run of ``run`` (None when there is none)."""
-    if checkpoint is None or not os.path.exists(checkpoint):
-        return None
-    if not resume:
-        raise MiniGPTError(f"checkpoint {checkpoint} exists from an interrupted run: pass --resume to continue it, "
-                           "or delete it")
-    saved = MoEStats.load(checkpoint)
-    check_fingerprint(saved.fingerprint, fp, "the checkpoint's expert statistics")
-    if saved.meta.pop("checkpoint", None) != run:
-        raise MiniGPTError(f"checkpoint {checkpoint} belongs to another run; delete it to start over")
-    return saved
-
-
-def calibrate_moe(model, tokenizer, data=None, *, max_tokens: int | None = 16384, seq_len: int = 512,
-                  batch_size: int = 8, text_field: str = "text", seed: int | None = 0, doc_tokens: int | None = None,
-                  backend: str = "auto", checkpoint: str | os.PathLike | None = None,
-                  checkpoint_every: int | None = None, resume: bool = False) -> MoEStats:
-    """Routing and expert statistics of ``model`` over the corpus ``data`` (files, dirs or corpus names).
-
-    Under ``torchrun`` each rank streams its own shard of the documents and its part of ``max_tokens``; every rank
-    returns the summed statistics. In one process, ``checkpoint`` is rewritten atomically every
-    ``checkpoint_every`` tokens; ``resume=True`` continues from it and ends with an uninterrupted run's statistics
-    (the caller deletes the checkpoint once the result is saved).
-    """
-    from minigpt import distributed
-    from minigpt.data import Batches, resolve_files
-
-    rank, world = distributed.rank_world()
-    if world > 1 and (resume or checkpoint):
-        raise MiniGPTError("expert statistics are checkpointed in a single process only (not under torchrun)")
-    files = resolve_files(data)
-    run = {"data": data or "stdlib", "files_hash": content_hash([(str(f), f.stat().st_size) for f in files]),
-           "max_tokens": max_tokens, "seq_len": seq_len, "batch_size": batch_size, "text_field": text_field,
-           "seed": seed, "doc_tokens": doc_tokens}
-    fp = fingerprint(model)
-    stats = _restore(checkpoint, resume, fp, run) or MoEStats.empty(fp)
-    mine = None
-    if max_tokens is not None:
-        sequences = -(-max_tokens // seq_len)
-        mine = (sequences // world + (rank < sequences % world)) * seq_len
-    every = -(-checkpoint_every // (batch_size * seq_len)) if checkpoint and checkpoint_every else None
-    batches_done = [0]
-
-    def save_checkpoint(s: MoEStats) -> None:
-        batches_done[0] += 1
-        if every and batches_done[0] % every == 0:
-            MoEStats(s.layers, s.tokens, s.fingerprint, {**s.meta, "checkpoint": run}).save(checkpoint)
-
-    if mine != 0:
-        batches = Batches(tokenizer, files, seq_len=seq_len, batch_size=batch_size, max_tokens=mine,
-                          text_field=text_field, seed=seed, doc_tokens=doc_tokens, rank=rank, world_size=world,
-                          allow_empty=world > 1, skip_sequences=stats.tokens // seq_len)
-        collect(model, batches, stats, backend=backend, on_batch=save_checkpoint)
-    stats = all_reduce(stats)
-    if stats.tokens == 0:
-        raise MiniGPTError(f"corpus too small: no whole sequence of {seq_len} tokens (lower --seq-len or add data)")
-    stats.meta.update(corpus={"data": data or "stdlib", "max_tokens": max_tokens, "seq_len": seq_len},
-                      world_size=world)
-    return stats
-
-
 @dataclass
 class MoEPlan:
     """Kept experts per sparse block (ascending old indices; the same count everywhere, for a stock config) and,
@@ -408,19 +329,38 @@ def _top(scores: torch.Tensor, k: int) -> list[int]:
     return sorted(order[:k])
 
 
+def _global_kept(scores: list[torch.Tensor], ratio: float, top_k: int) -> list[list[int]]:
+    """Kept experts per block from one ranking across blocks: each expert's share of its block's ``scores`` (every
+    block routes the same tokens), the ``top_k`` best of every block always kept, the fraction ``ratio`` of all
+    experts removed."""
+    shares = [s.double() / max(float(s.sum()), 1e-30) for s in scores]
+    kept = [set(_top(s, top_k)) for s in shares]
+    rest = sorted((-float(s[e]), b, e) for b, s in enumerate(shares) for e in range(len(s)) if e not in kept[b])
+    total = sum(len(s) for s in scores)
+    for _, b, e in rest[: max(kept_count(total, ratio) - sum(map(len, kept)), 0)]:
+        kept[b].add(e)
+    return [sorted(k) for k in kept]
+
+
 def plan_moe(stats: MoEStats, experts: float | None = None, criterion: str = "freq", neurons: float | None = None,
-             metric: str = "l1", multiple: int = EXPERT_WIDTH_MULTIPLE) -> MoEPlan:
-    """Remove the fraction ``experts`` of every block's experts, the least routed to (``freq``: top-k selections;
-    ``mass``: Σ routing weight), and the fraction ``neurons`` of every kept (and shared) expert's neurons, the
-    lowest by ``metric`` (l1 Σ|h|, l2 Σh², max, freq: non-zero count) over the tokens the expert saw; kept widths
-    are rounded up to a ``multiple`` (``EXPERT_WIDTH_MULTIPLE``)."""
+             metric: str = "l1", multiple: int = EXPERT_WIDTH_MULTIPLE, scope: str = "uniform") -> MoEPlan:
+    """Remove the fraction ``experts`` of every block's experts (``scope`` uniform; ``global``: of all experts,
+    ranked across blocks by their share of their block, so counts differ per block and the saved model needs
+    ``modeling_minigpt.py``), the least routed to (``freq``: top-k selections; ``mass``: Σ routing weight), and
+    the fraction ``neurons`` of every kept (and shared) expert's neurons, the lowest by ``metric`` (l1 Σ|h|, l2
+    Σh², max, freq: non-zero count) over the tokens the expert saw; kept widths are rounded up to a ``multiple``
+    (``EXPERT_WIDTH_MULTIPLE``)."""
     fp = stats.fingerprint
-    if criterion not in CRITERIA or metric not in NEURON_METRICS:
-        raise MiniGPTError(f"criterion must be one of {CRITERIA} and metric one of {tuple(NEURON_METRICS)}")
+    if criterion not in CRITERIA or metric not in NEURON_METRICS or scope not in SCOPES:
+        raise MiniGPTError(f"criterion must be one of {CRITERIA}, metric one of {tuple(NEURON_METRICS)} and scope "
+                           f"one of {SCOPES}")
     check_expert_ratio(types.SimpleNamespace(model_type=fp["model_type"], num_experts=max(fp["num_experts"]),
                                              num_experts_per_tok=fp["top_k"]), experts, neurons)
     score = "routed" if criterion == "freq" else "weight"
-    kept = [_top(layer[score], kept_count(len(layer[score]), experts or 0.0)) for layer in stats.layers]
+    if scope == "global":
+        kept = _global_kept([layer[score] for layer in stats.layers], experts or 0.0, fp["top_k"])
+    else:
+        kept = [_top(layer[score], kept_count(len(layer[score]), experts or 0.0)) for layer in stats.layers]
     kept_neurons = shared = None
     if neurons:
         name = NEURON_METRICS[metric]
@@ -433,7 +373,7 @@ def plan_moe(stats: MoEStats, experts: float | None = None, criterion: str = "fr
         if any(fp["shared_width"]):
             shared = [_top(layer[f"shared_{name}"], width(len(layer[f"shared_{name}"]))) for layer in stats.layers]
     policy = {"experts": experts, "criterion": criterion, "expert_neurons": neurons, "metric": metric,
-              "multiple": multiple}
+              "multiple": multiple, "scope": scope}
     return MoEPlan(kept, kept_neurons, shared, dict(fp), policy)
 
 
@@ -473,15 +413,22 @@ def prune_moe(model, plan: MoEPlan):
     check_fingerprint(plan.fingerprint, fingerprint(model), "the expert plan")
     counts = {len(k) for k in plan.experts}
     widths = {len(n) for layer in plan.neurons or [] for n in layer}
-    if len(counts) != 1 or len(widths) > 1 or (plan.shared and len({len(s) for s in plan.shared}) != 1):
-        raise MiniGPTError("an expert plan must keep the same number of experts and neurons in every layer")
+    if len(widths) > 1 or (plan.shared and len({len(s) for s in plan.shared}) != 1):
+        raise MiniGPTError("an expert plan must keep the same number of neurons in every expert")
+    if min(counts) < plan.fingerprint["top_k"]:
+        raise MiniGPTError(f"the expert plan keeps {min(counts)} experts in a layer, fewer than the "
+                           f"{plan.fingerprint['top_k']} each token is routed to (num_experts_per_tok)")
     layers = moe_layers(model)
     for i, moe in enumerate(layers):
         _shrink_experts(moe, plan.experts[i], plan.neurons[i] if plan.neurons else None)
         if plan.shared and moe.shared is not None:
             _shrink_shared(moe.shared, plan.shared[i])
     config = model.config
-    config.num_experts = counts.pop()  # the attribute map points it at num_local_experts where that is the key
+    # the attribute map points it at num_local_experts where that is the key; with per-layer counts the largest
+    # (save_pruned records the other layers' shapes and counts for modeling_minigpt.py)
+    config.num_experts = max(counts)
+    if hasattr(model, "num_experts"):  # the causal LM's copy (its load-balancing loss)
+        model.num_experts = config.num_experts
     if widths:
         setattr(config, expert_width_key(config), widths.pop())
     if plan.shared:
@@ -490,13 +437,16 @@ def prune_moe(model, plan: MoEPlan):
 
 
 def moe_parameter_counts(model) -> dict[str, int]:
-    """Unique parameters: total, routed experts, routers, shared experts."""
+    """Unique parameters: total, routed experts, routers, shared experts, and ``active`` (those one token uses:
+    everything but the routed experts, plus ``num_experts_per_tok`` experts of every sparse layer)."""
     layers = moe_layers(model)
     experts = sum(m.experts.gate_up_proj.numel() + m.experts.down_proj.numel() for m in layers)
+    per_token = sum((m.experts.gate_up_proj.numel() + m.experts.down_proj.numel()) // m.experts.gate_up_proj.shape[0]
+                    for m in layers) * model.config.num_experts_per_tok
     shared = sum(p.numel() for m in layers if m.shared is not None for p in m.shared.parameters())
     total = sum(p.numel() for p in model.parameters())
     return {"total": total, "experts": experts, "router": sum(m.router.weight.numel() for m in layers),
-            "shared_experts": shared}
+            "shared_experts": shared, "active": total - experts + per_token}
 
 
 def moe_report(stats: MoEStats, plan: MoEPlan) -> dict:

@@ -90,11 +90,13 @@ QUANT_MULTIPLE = 32
 """The ``auto`` rounding: Q8_0/Q4_0 (GGUF) and most int8/int4 kernels quantise rows in blocks of 32."""
 
 
-def auto_multiple(widths: list[int]) -> int:
+def auto_multiple(widths: list[int], step: int = 1) -> int:
     """``multiple="auto"``: 32 when every original width is a multiple of 32 (the model is quantisable and pruning
-    keeps it so) and at least 8 blocks wide (a step of at most 1/8 of the width: a 32-wide expert would otherwise
-    keep everything), otherwise 1 (rounding could not align the widths, or would swallow the ratio)."""
-    ok = all(w % QUANT_MULTIPLE == 0 and w >= 8 * QUANT_MULTIPLE for w in widths)
+    keeps it so) and the rounding step ``lcm(step, 32)`` is at most 1/8 of it (a 32-wide expert would otherwise keep
+    everything), otherwise 1 (rounding could not align the widths, or would swallow the ratio). ``step``: what kept
+    counts are multiples of anyway (hidden channels: the query-head count; MLP neurons and experts' widths: 1)."""
+    block = math.lcm(step, QUANT_MULTIPLE)
+    ok = all(w % QUANT_MULTIPLE == 0 and block <= w // 8 for w in widths)
     return QUANT_MULTIPLE if ok else 1
 
 

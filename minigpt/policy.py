@@ -27,6 +27,7 @@ import torch
 from minigpt import surgery
 from minigpt.architecture import describe
 from minigpt.errors import MiniGPTError
+from minigpt.planning import auto_multiple
 
 
 @dataclass(frozen=True)
@@ -122,13 +123,13 @@ def kept_heads(stats, arch, ratio: float, kv_groups: bool) -> list[list[int]]:
 
 
 def kept_hidden(stats, arch, ratio: float, heads: list[list[int]] | None, multiple: int | str) -> list[int]:
-    """Kept hidden channels: a multiple of the query-head count and of ``multiple``. ``"auto"`` asks for 32 (GGUF
-    blocks run along the hidden dimension of q/k/v/gate/up) only where that still leaves steps of at most 1/8 of
-    the hidden size (SmolLM2: 9 heads, lcm 288 of 576, so 1)."""
+    """Kept hidden channels: a multiple of the query-head count and of ``multiple``. ``"auto"``: ``auto_multiple``'s
+    rule with the head count as the step (GGUF blocks run along the hidden dimension of q/k/v/gate/up; SmolLM2: 9
+    heads, lcm 288 > 576 / 8, so 1)."""
     size = arch.hidden.size
     n_heads = math.lcm(*(len(h) for h in heads)) if heads else math.lcm(*(g.heads.size for g in arch.layers))
     if multiple == "auto":
-        multiple = 32 if math.lcm(n_heads, 32) <= size // 8 else 1
+        multiple = auto_multiple([size], step=n_heads)
     step = math.lcm(n_heads, multiple)
     keep = max(step, (size - round(ratio * size)) // step * step)
     return sorted(set(range(size)) - _lowest(_mean(stats, "hidden.sum_abs"), size - keep))

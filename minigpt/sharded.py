@@ -2,14 +2,17 @@
 
 The model is built on the meta device from its config (shapes only), planned and compacted there; then every
 shard is rewritten one tensor at a time: a positioned read of that tensor's bytes (so resident memory holds
-that tensor, not a whole-file map whose touched pages would all count), the MLP projections' dropped neurons
-removed, and the bytes streamed into a new shard of the same name whose header is computed beforehand. Peak
-memory is about two tensors (the largest projection and its pruned copy), not the model. The new directory
+that tensor, not a whole-file map whose touched pages would all count), the plan's cuts of that parameter applied
+(``minigpt.surgery.cuts``: MLP neurons, heads, hidden channels, with the RMSNorm and embedding rescales), and the
+bytes streamed into a new shard of the same name whose header is computed beforehand. Removed layers' tensors are
+left out and the remaining blocks renumbered in the shard keys and the index (a shard left empty is not written).
+Peak memory is about two tensors (the largest projection and its pruned copy), not the model. The new directory
 (shards, index, config, tokenizer, plan) is written atomically like ``save_pruned``'s.
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
@@ -19,7 +22,9 @@ from pathlib import Path
 
 import torch
 
-from minigpt import adapters
+from minigpt import adapters, surgery
+from minigpt.architecture import find_blocks
+from minigpt.compensate import DAMPING, add_mlp_biases, bias_slot, mark_mlp_bias, moments, refit
 from minigpt.errors import MiniGPTError
 from minigpt.trust import needs_remote_code
 
@@ -140,28 +145,91 @@ def skeleton(src: Path, trust_remote_code: bool = False):
     return model.eval(), tokenizer
 
 
-def neuron_params(model) -> dict[str, tuple[int, int]]:
-    """Parameter name → (layer, dimension indexed by that layer's MLP neurons), for every pruned projection."""
-    layout = adapters.get_layout(model)
-    names = {module: name for name, module in model.named_modules()}
-    out = {}
-    for layer, owner in enumerate(adapters.mlps(model)):
-        for side, projections in (("rows", layout.rows), ("cols", layout.cols)):
-            for proj in projections:
-                prefix = f"{names[getattr(owner, proj)]}."
-                out[prefix + "weight"] = (layer, adapters.neuron_dim(layout, side))
-                if side == "rows" and getattr(owner, proj).bias is not None:
-                    out[prefix + "bias"] = (layer, 0)
-    return out
+def layer_renames(model, kept_layers: list[int] | None) -> Callable[[str], str | None]:
+    """Stored name → its name once ``kept_layers`` alone stay (blocks renumbered), None for a removed block's."""
+    if kept_layers is None:
+        return lambda name: name
+    prefix = find_blocks(model)[0] + "."
+    new = {old: i for i, old in enumerate(kept_layers)}
+
+    def rename(name: str) -> str | None:
+        if not name.startswith(prefix):
+            return name
+        layer, _, rest = name[len(prefix):].partition(".")
+        return f"{prefix}{new[int(layer)]}.{rest}" if int(layer) in new else None
+
+    return rename
+
+
+class Refit:
+    """Out-of-core compensation: each layer's output projection (down_proj) refitted on its kept neurons when first
+    read, as ``minigpt.compensate.compensate_layer`` does in memory before compaction (then the same cuts apply).
+
+    ``source(name, t)`` gives a stored tensor's value before its cut; ``added`` the bias tensors compensation
+    creates (the ``mlp_bias`` slot: zero gate/up biases and the fitted down bias), each placed after its weight.
+    """
+
+    def __init__(self, model, stats, kept: list[torch.Tensor], method: str, damping: float, read: Callable):
+        self.slot = bias_slot(model)
+        if method == "bias" and self.slot == "none":
+            raise MiniGPTError(f"--compensate bias: {model.config.model_type} has no MLP output bias to hold it "
+                               "(use lstsq, which refits without one)")
+        moments(stats, 0, centred=False)  # refuses statistics without Gram matrices, before any read
+        layout = adapters.get_layout(model)
+        names = {module: name for name, module in model.named_modules()}
+        self.stats, self.kept, self.method, self.damping, self.read = stats, kept, method, damping, read
+        self.dim = adapters.neuron_dim(layout, "cols")
+        self.down = {}  # down_proj weight name → layer
+        self.added = {}  # weight name → (its new bias's name, layer, width: None for down_proj's fitted bias)
+        for layer, mlp in enumerate(adapters.mlps(model)):
+            self.down[f"{names[getattr(mlp, layout.cols[0])]}.weight"] = layer
+            for proj in (*layout.rows, *layout.cols) if self.slot == "mlp_bias" else ():
+                module = getattr(mlp, proj)
+                width = None if proj in layout.cols else module.weight.shape[0]
+                self.added[f"{names[module]}.weight"] = (f"{names[module]}.bias", layer, width)
+        self._cache: tuple[int, tuple] | None = None
+
+    def refitted(self, layer: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``(weight, bias to add)`` of layer ``layer``'s down_proj in its stored layout and dtype."""
+        if self._cache is None or self._cache[0] != layer:
+            name = next(n for n, i in self.down.items() if i == layer)
+            t = self.read(name)
+            m, mu = moments(self.stats, layer, centred=self.slot != "none")
+            new_k, bias = refit(t.movedim(self.dim, 1), m, mu if self.slot != "none" else None,
+                                           self.kept[layer], self.method, self.damping)
+            full = torch.zeros(new_k.shape[0], t.shape[self.dim], dtype=torch.float64)
+            full[:, self.kept[layer]] = new_k
+            self._cache = layer, (full.to(t.dtype).movedim(1, self.dim),
+                                  None if bias is None else bias.to(t.dtype))
+        return self._cache[1]
+
+    def source(self, name: str, t: torch.Tensor) -> torch.Tensor:
+        """The value of stored tensor ``name`` (``t``) after compensation, before its cut."""
+        if name in self.down:
+            return self.refitted(self.down[name])[0]
+        if self.slot == "down" and name.removesuffix(".bias") + ".weight" in self.down:
+            bias = self.refitted(self.down[name.removesuffix(".bias") + ".weight"])[1]
+            return t + bias
+        return t
+
+    def new(self, bias: tuple, dtype: torch.dtype) -> torch.Tensor:
+        """An added bias ``(name, layer, width)``: zeros of ``width`` (gate/up), or the fitted down bias (None)."""
+        _, layer, width = bias
+        return self.refitted(layer)[1] if width is None else torch.zeros(width, dtype=dtype)
 
 
 def prune_checkpoint(src: str | os.PathLike, out: str | os.PathLike, *, stats=None, pruning_plan=None,
-                     metric: str = "l1", report: dict | None = None, trust_remote_code: bool = False, **policy):
+                     metric: str = "l1", policy=None, report: dict | None = None, trust_remote_code: bool = False,
+                     compensate: str = "none", damping: float = DAMPING):
     """Prune the safetensors checkpoint ``src`` into the new directory ``out`` without loading it.
 
-    Give a ``pruning_plan``, or ``stats`` with an activation ``metric`` and a policy (``ratio`` / ``threshold``,
-    ``scope``, ``multiple``, ``min_keep``). Every shard is checked before anything is written; returns
-    ``(out, plan, report)`` where the report holds the weight bytes before and after.
+    Give a ``pruning_plan``, or ``stats`` with an activation ``metric`` and a ``minigpt.policy.Policy`` (every
+    structure: MLP neurons, heads, hidden channels, layers; ``target_params``). The plan is made and applied on
+    the meta-device model, its per-parameter ``surgery.cuts`` then applied to each stored tensor, removed blocks'
+    tensors left out and the rest renumbered: the tensors of in-memory pruning. ``compensate`` (bias, lstsq) refits
+    each down_proj from ``stats``' Gram matrices as it is read (``Refit``) when the plan removes MLP neurons. Every
+    shard is checked before anything is written; returns ``(out, plan, report)``, the report holding the weight
+    bytes before and after.
     """
     from minigpt.compact import save_pruned
     from minigpt.importance import STATS_METRICS
@@ -171,44 +239,82 @@ def prune_checkpoint(src: str | os.PathLike, out: str | os.PathLike, *, stats=No
     found, index = shards(src)
     model, tokenizer = skeleton(src, trust_remote_code)
     original = {k: list(v.shape) for k, v in model.state_dict().items()}
-    pruned = neuron_params(model)
     stored = {name: (shard, info) for shard in found for name, info in shard.tensors.items()}
     for name, (shard, (_, shape, _, _)) in stored.items():
         if name in original and shape != original[name]:
             raise MiniGPTError(f"checkpoint shard {shard.path} holds {name} of shape {shape}, the config {original[name]}")
-    missing = sorted(set(pruned) - set(stored))
-    if missing:
-        raise MiniGPTError(f"checkpoint {src} lacks the MLP weights {', '.join(missing[:3])}...")
     if pruning_plan is None and metric not in STATS_METRICS:
         raise MiniGPTError(f"out-of-core pruning takes a plan or an activation metric ({', '.join(STATS_METRICS)})")
     if pruning_plan is not None and pruning_plan.vocab is not None:
         raise MiniGPTError("vocabulary pruning is not supported out of core")
-    model, plan = prune(model, tokenizer, stats=stats, pruning_plan=pruning_plan, metric=metric, **policy)
-    kept = plan.kept_tensors()
+    if compensate != "none" and stats is None:
+        raise MiniGPTError(f"--compensate {compensate} out of core needs --stats with Gram statistics")
+    unpruned = copy.deepcopy(model)  # meta: shapes only
+    model, plan = prune(model, tokenizer, stats=stats, pruning_plan=pruning_plan, metric=metric, policy=policy)
+    kept = plan.structures()
+    cuts = surgery.cuts(unpruned, kept)
+    first, canonical = {}, {}  # every name of a parameter (a tied LM head's too) → the name its cut is under
+    for name, param in unpruned.named_parameters(remove_duplicate=False):
+        canonical[name] = first.setdefault(id(param), name)
+    missing = sorted(set(cuts) - {canonical.get(name) for name in stored})
+    if missing:
+        raise MiniGPTError(f"checkpoint {src} lacks the pruned weights {', '.join(missing[:3])}...")
+    refitter = None
+    if compensate != "none" and kept.mlp is not None:
+        refitter = Refit(unpruned, stats, plan.kept_tensors(), compensate, damping, lambda name: read_stored(name))
+        plan.policy["compensate"] = {"method": compensate, "damping": damping if compensate == "lstsq" else None,
+                                     "bias": refitter.slot, "gram_tokens": stats.gram_tokens}
+        if refitter.slot == "mlp_bias":
+            add_mlp_biases(model)  # the pruned (meta) model's shapes: what the saved config describes
+            mark_mlp_bias(model, plan.policy["compensate"])
+            for weight, bias in refitter.added.items():  # an added bias is cut like its weight's output rows
+                cut = cuts[weight].index if weight in cuts else {}
+                cuts[bias[0]] = surgery.Cut({0: cut[0]} if 0 in cut else {}, [])
+    rename = layer_renames(unpruned, kept.layers)
     sizes = {"before": sum(end - begin for _, _, begin, end in (info for _, info in stored.values()))}
 
-    def new_shape(name: str, shape: list[int]) -> list[int]:
-        if name not in pruned:
-            return shape
-        layer, dim = pruned[name]
-        return [len(kept[layer]) if d == dim else n for d, n in enumerate(shape)]
+    def read_stored(name: str) -> torch.Tensor:
+        shard = stored[name][0]
+        with open(shard.path, "rb") as f:
+            return shard.read(f, name)
+
+    def entries(shard: Shard, f) -> dict[str, tuple[torch.dtype, list[int], Callable]]:
+        """Name → (dtype, shape before the cut, value before the cut) of what ``shard`` will hold (compensation's
+        added biases right after their weights)."""
+        out = {}
+        for name, (dtype, shape, _, _) in shard.tensors.items():
+            out[name] = dtype, shape, lambda name=name: (shard.read(f, name) if refitter is None
+                                                        else refitter.source(name, shard.read(f, name)))
+            if refitter is not None and name in refitter.added:
+                bias = refitter.added[name]
+                out[bias[0]] = dtype, [bias[2] or shape[0]], lambda bias=bias, dtype=dtype: refitter.new(bias, dtype)
+        return out
 
     def write_weights(tmp: Path) -> None:
-        total = 0
+        total, weight_map = 0, {}
         for shard in found:
-            specs = {name: (dtype, new_shape(name, shape)) for name, (dtype, shape, _, _) in shard.tensors.items()}
             with open(shard.path, "rb") as f:
+                values = entries(shard, f)
+                names = {rename(name): name for name in values if rename(name) is not None}  # new → stored
+                if not names and index is not None:  # every tensor of the shard belonged to removed blocks
+                    continue
+                specs = {}
+                for new, name in names.items():
+                    dtype, shape, _ = values[name]
+                    cut = cuts.get(canonical.get(name, name))
+                    specs[new] = dtype, [len(cut.index[d]) if cut and d in cut.index else n
+                                         for d, n in enumerate(shape)]
 
-                def read(name: str, shard=shard, f=f) -> torch.Tensor:
-                    t = shard.read(f, name)
-                    if name not in pruned:
-                        return t
-                    layer, dim = pruned[name]
-                    return t.index_select(dim, kept[layer])
+                def read(new: str, values=values, names=names) -> torch.Tensor:
+                    t = values[names[new]][2]()
+                    cut = cuts.get(canonical.get(names[new], names[new]))
+                    return cut.apply(t) if cut else t
 
                 total += write_shard(tmp / shard.path.name, specs, read, shard.metadata)
+            weight_map.update(dict.fromkeys(names, shard.path.name))
         if index is not None:
-            new_index = {**index, "metadata": {**index.get("metadata", {}), "total_size": total}}
+            new_index = {**index, "metadata": {**index.get("metadata", {}), "total_size": total},
+                         "weight_map": weight_map}
             (tmp / INDEX).write_text(json.dumps(new_index, indent=2))
         sizes["after"] = total
 

@@ -3,6 +3,8 @@
 Every cut parameter is copied once by one ``gather`` call (a second call for parameters cut in two dimensions,
 e.g. ``down_proj`` losing neurons and hidden channels); the parameters keep their identity (``param.data`` is
 replaced), so tied embeddings stay tied. Then blocks are dropped, module attributes and the config updated.
+``cuts`` gives what happens to each parameter as data (kept positions per dimension, then rescales): the
+out-of-core path (``minigpt.sharded``) applies the same cuts to one stored tensor at a time.
 
 RMSNorm rule: a norm over a cut dimension divides by the RMS over *all* its channels, so removing ``n − n'`` of
 ``n`` channels that are exactly zero multiplies the RMS by ``√(n'/n)``: the kept weights are multiplied by
@@ -62,44 +64,108 @@ def _check(indices: list[int], size: int, what: str) -> None:
         raise MiniGPTError(f"kept {what}s must be sorted distinct indices below {size}")
 
 
-class _Masks:
-    """Per (parameter, dimension): which positions stay; per norm parameter: its length before and after."""
+@dataclass
+class Cut:
+    """What pruning does to one parameter: ``index[dim]`` the kept positions (sorted) of every cut dimension, then
+    ``scales`` in order, each ``(offset, factor)`` applied as ``(p + offset)·factor − offset`` in fp32 (the
+    RMSNorm rule and Gemma's embedding scale, module doc)."""
 
-    def __init__(self, model):
-        self.model, self.keep, self.norms = model, {}, set()
+    index: dict[int, torch.Tensor]
+    scales: list[tuple[float, float]]
 
-    def apply(self, group: Group, kept: list[int]) -> None:
+    def apply(self, t: torch.Tensor) -> torch.Tensor:
+        """The pruned copy of ``t`` (the parameter's original value), as ``shrink`` computes it in memory."""
+        for dim, kept in self.index.items():
+            t = t.index_select(dim, kept)
+        return rescale(t, self.scales)
+
+
+def rescale(t: torch.Tensor, scales: list[tuple[float, float]]) -> torch.Tensor:
+    """``t`` after every ``(offset, factor)`` of ``scales`` (see ``Cut``), in ``t``'s dtype."""
+    for offset, factor in scales:
+        t = (t.float() + offset).mul_(factor).sub_(offset).to(t.dtype)
+    return t
+
+
+def _masks(model, groups: list[tuple[Group, list[int]]]) -> tuple[dict, set]:
+    """Per (parameter, dimension): which positions stay; the norm parameters among them."""
+    keep, norms = {}, set()
+    for group, kept in groups:
         items = torch.zeros(group.size, dtype=torch.bool)
         items[torch.tensor(kept, dtype=torch.long)] = True
         for s in group.slices:
-            length = self.model.get_parameter(s.param).shape[s.dim]
-            mask = self.keep.setdefault((s.param, s.dim), torch.ones(length, dtype=torch.bool))
+            length = model.get_parameter(s.param).shape[s.dim]
+            mask = keep.setdefault((s.param, s.dim), torch.ones(length, dtype=torch.bool))
             mask[s.start: s.start + group.size * s.unit] &= items.repeat_interleave(s.unit)
             if s.norm:
-                self.norms.add(s.param)
+                norms.add(s.param)
+    return keep, norms
 
-    def gather(self, gather) -> None:
-        """Copy every cut parameter's kept positions: one ``gather`` call per cut dimension count."""
-        per_param: dict[str, list[tuple[int, torch.Tensor]]] = {}
-        for (param, dim), mask in self.keep.items():
-            if not bool(mask.all()):
-                per_param.setdefault(param, []).append((dim, mask.nonzero().squeeze(1)))
-        scales = {p: self.model.get_parameter(p).shape[0] for p in self.norms if p in per_param}
-        while per_param:
-            names = list(per_param)
-            params = [self.model.get_parameter(n) for n in names]
-            cuts = [per_param[n].pop() for n in names]
-            srcs = [p.detach() if p.dim() == 2 else p.detach().unsqueeze(1) for p in params]  # the op takes 2-D
-            new = gather(srcs, [i.to(p.device) for p, (_, i) in zip(params, cuts)], [d for d, _ in cuts])
-            for p, t in zip(params, new):
-                p.data = t if p.dim() == 2 else t.squeeze(1)
-            per_param = {n: c for n, c in per_param.items() if c}
-        with torch.no_grad():
-            for name, before in scales.items():
-                param = self.model.get_parameter(name)
-                owner = self.model.get_submodule(name.rpartition(".")[0])
-                offset = norm_offset(owner)
-                param.copy_((param.float() + offset).mul_(math.sqrt(before / param.shape[0])).sub_(offset))
+
+def cuts(model, kept: Kept, arch: Architecture | None = None) -> dict[str, Cut]:
+    """Parameter name → its ``Cut``, for every parameter of the (unpruned) ``model`` that ``kept`` changes.
+
+    Layer removal is not a cut: dropped blocks' parameters keep their cuts, renumbering is ``_drop_layers``'.
+    """
+    arch = arch or describe(model)
+    check(arch, kept)
+    groups = []
+    for layer, lg in enumerate(arch.layers):
+        if kept.mlp is not None:
+            groups.append((lg.mlp, kept.mlp[layer]))
+        if kept.heads is not None:
+            groups += [(lg.heads, kept.heads[layer]),
+                       (lg.kv, kv_heads(kept.heads[layer], lg.heads.size, lg.kv.size))]
+    if kept.hidden is not None:
+        groups.append((arch.hidden, kept.hidden))
+    keep, norms = _masks(model, groups)
+    out: dict[str, Cut] = {}
+    for (param, dim), mask in keep.items():
+        if not bool(mask.all()):
+            out.setdefault(param, Cut({}, [])).index[dim] = mask.nonzero().squeeze(1)
+    for name in norms & set(out):
+        before, after = model.get_parameter(name).shape[0], len(out[name].index[0])
+        out[name].scales.append((norm_offset(model.get_submodule(name.rpartition(".")[0])),
+                                 math.sqrt(before / after)))
+    if kept.hidden is not None:
+        _embedding_scales(model, len(kept.hidden), out)
+    return out
+
+
+def _embedding_scales(model, size: int, out: dict[str, Cut]) -> None:
+    """Gemma's embedding scale √hidden becomes √hidden' (module doc): the embedding's and a tied model's final
+    norm's ``scales``."""
+    old = text_config(model.config).hidden_size
+    embed = model.get_input_embeddings()
+    if not (getattr(embed, "scalar_embed_scale", None) and math.isclose(embed.scalar_embed_scale, math.sqrt(old))):
+        return
+    names = {id(p): n for n, p in model.named_parameters()}
+    factor = math.sqrt(old / size)
+    out[names[id(embed.weight)]].scales.append((0.0, factor))
+    head = model.get_output_embeddings()
+    if head is not None and head.weight is embed.weight:  # tied: the final norm takes the factor back
+        final = next(m for m in reversed(list(model.modules())) if getattr(m, "weight", None) is not None
+                     and m.weight.dim() == 1 and m.weight.shape[0] == old)
+        out[names[id(final.weight)]].scales.append((norm_offset(final), 1 / factor))
+
+
+def _gather(model, plan: dict[str, Cut], gather) -> None:
+    """Apply ``plan`` to ``model``'s parameters in place: one ``gather`` call per cut dimension count."""
+    per_param = {name: list(cut.index.items()) for name, cut in plan.items() if cut.index}
+    while per_param:
+        names = list(per_param)
+        params = [model.get_parameter(n) for n in names]
+        cut = [per_param[n].pop() for n in names]
+        srcs = [p.detach() if p.dim() == 2 else p.detach().unsqueeze(1) for p in params]  # the op takes 2-D
+        new = gather(srcs, [i.to(p.device) for p, (_, i) in zip(params, cut)], [d for d, _ in cut])
+        for p, t in zip(params, new):
+            p.data = t if p.dim() == 2 else t.squeeze(1)
+        per_param = {n: c for n, c in per_param.items() if c}
+    with torch.no_grad():
+        for name, c in plan.items():
+            if c.scales:
+                param = model.get_parameter(name)
+                param.copy_(rescale(param.detach(), c.scales))
 
 
 def _set_heads(model, arch: Architecture, kept_heads: list[list[int]]) -> None:
@@ -122,20 +188,12 @@ def _set_heads(model, arch: Architecture, kept_heads: list[list[int]]) -> None:
 
 
 def _set_hidden(model, arch: Architecture, size: int) -> None:
-    """Module attributes and config keys holding the hidden size; Gemma's embedding scale (see module doc)."""
+    """Module attributes and config keys holding the hidden size; Gemma's embedding scale (the weights' share is
+    ``_embedding_scales``')."""
     cfg = text_config(model.config)
     old = cfg.hidden_size
     embed = model.get_input_embeddings()
     if getattr(embed, "scalar_embed_scale", None) and math.isclose(embed.scalar_embed_scale, math.sqrt(old)):
-        factor = math.sqrt(old / size)
-        with torch.no_grad():
-            embed.weight.mul_(factor)
-            head = model.get_output_embeddings()
-            if head is not None and head.weight is embed.weight:  # tied: the final norm takes the factor back
-                final = next(m for m in reversed(list(model.modules())) if getattr(m, "weight", None) is not None
-                             and m.weight.dim() == 1 and m.weight.shape[0] == size)
-                offset = norm_offset(final)
-                final.weight.copy_((final.weight.float() + offset).div_(factor).sub_(offset))
         embed.scalar_embed_scale = math.sqrt(size)
         embed.embed_scale.fill_(math.sqrt(size))
     for module in model.modules():
@@ -220,19 +278,9 @@ def shrink(model, kept: Kept, gather) -> None:
     ``gather(srcs, indices, dims) -> list`` copies the kept slices (``minigpt.ops.gather``).
     """
     arch = describe(model)
-    check(arch, kept)
-    masks = _Masks(model)
     cfg = text_config(model.config)
     before = {k: getattr(cfg, k) for k in HEAD_KEYS if hasattr(cfg, k)}
-    for layer, groups in enumerate(arch.layers):
-        if kept.mlp is not None:
-            masks.apply(groups.mlp, kept.mlp[layer])
-        if kept.heads is not None:
-            masks.apply(groups.heads, kept.heads[layer])
-            masks.apply(groups.kv, kv_heads(kept.heads[layer], groups.heads.size, groups.kv.size))
-    if kept.hidden is not None:
-        masks.apply(arch.hidden, kept.hidden)
-    masks.gather(gather)
+    _gather(model, cuts(model, kept, arch), gather)
     if kept.mlp is not None:
         key = next(k for k in WIDTH_KEYS if k in cfg.to_dict())
         setattr(cfg, key, max(len(k) for k in kept.mlp))

@@ -49,7 +49,20 @@ def test_specs_and_ablation():
     assert [s.text for s in specs] == ["tiny-llama", "tiny-llama@0.4/1", "tiny-llama@0.4/64"]
 
 
-@pytest.mark.parametrize("spec", ["no-such-model", "tiny-llama@1.5", "tiny-llama@x", "tiny-llama@0.4/0"])
+def test_parameter_budget_spec():
+    """``@params=KEEP``: the ``--target-params`` rule on the named shape (heads and MLP neurons go, ≤ KEEP kept)."""
+    assert bench.ModelSpec.parse("llama-3.1-8b@params=0.6") == bench.ModelSpec(
+        "llama-3.1-8b@params=0.6", "llama-3.1-8b", target_params=0.6)
+    report = bench.benchmark(["tiny-llama", "tiny-llama@params=0.7"], **SMALL)
+    base, pruned = (m["params"] for m in report["models"])
+    assert pruned["total"] <= 0.7 * base["total"] and pruned["mlp"] < base["mlp"]
+    assert pruned["attention"] < base["attention"]
+    model = bench.load(bench.ModelSpec.parse("tiny-llama@params=0.7"), "cpu", bench.torch.float32)
+    assert model.config.num_attention_heads < bench.NAMED_CONFIGS["tiny-llama"]["num_attention_heads"]
+
+
+@pytest.mark.parametrize("spec", ["no-such-model", "tiny-llama@1.5", "tiny-llama@x", "tiny-llama@0.4/0",
+                                  "tiny-llama@params=0", "tiny-llama@params=1"])
 def test_bad_spec_is_one_line(spec):
     with pytest.raises(MiniGPTError) as err:
         bench.benchmark([spec], **SMALL)

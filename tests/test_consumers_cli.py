@@ -20,6 +20,9 @@ def test_auto_multiple_keeps_widths_whole_quantisation_blocks():
     per_layer = plan_from_scores(scores, threshold=0.5, multiple="auto")
     assert all(w % 32 == 0 for w in per_layer.kept_widths)
     assert auto_multiple([1536, 1024]) == 32 and auto_multiple([48, 48]) == 1  # unaligned models keep exact widths
+    # hidden channels (kept counts already multiples of the head count): the same rule on lcm(heads, 32)
+    assert auto_multiple([4096], step=32) == 32 and auto_multiple([4096], step=48) == 32
+    assert auto_multiple([576], step=9) == 1 and auto_multiple([2048], step=9) == 1  # 288 > 576/8, 2048/8
     assert plan_from_scores([s[:48] for s in scores], ratio=0.25, multiple="auto").kept_widths == [36] * 3
 
 

@@ -236,7 +236,7 @@ def test_cli_prunes_experts_and_saves_a_stock_model(moe_dir, tmp_path, capsys):
 @pytest.mark.parametrize(("extra", "message"), [
     (["--experts", "1.0"], "must be in [0, 1)"),
     (["--experts", "0.9"], "keeps 1 of 8 experts per layer, fewer than the 2"),
-    (["--experts", "0.5", "--vocab", "--scope", "global"], "--vocab, --scope cannot be combined"),
+    (["--experts", "0.5", "--vocab", "--min-keep", "0.1"], "--vocab, --min-keep cannot be combined"),
     (["--experts", "0.5", "--metric", "wanda"], "not available inside experts"),
     (["--experts", "0.5", "--expert-stats", "/nonexistent/moe.safetensors"], "cannot read expert statistics"),
 ])
@@ -312,3 +312,45 @@ def test_killed_calibration_resumes_to_the_uninterrupted_statistics(tiny_tokeniz
     for x, y in zip(a.layers, b.layers):
         assert all(torch.equal(x[k], y[k]) for k in x)  # the same batch sums added in the same order: bit for bit
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model", "out.safetensors", "whole.safetensors"]
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_two_ranks_killed_calibration_resumes_under_torchrun(tiny_tokenizer, tmp_path):
+    """As the dense calibration: under ``torchrun`` rank 0 checkpoints the summed expert statistics and every rank's
+    position; both workers and torchrun SIGKILLed after one, then resumed under torchrun: one process's sums."""
+    import subprocess
+    import time
+
+    from scale_helpers import SEQ_LEN, aligned_corpus, kill_tree, run, save_model, torchrun, worker_env
+
+    model = save_model(moe_model("qwen2_moe", vocab_size=len(tiny_tokenizer)), tiny_tokenizer, tmp_path / "model")
+    corpus = aligned_corpus(tiny_tokenizer, tmp_path / "corpus", docs=300, seed=1)
+    args = ("--model", model, "--data", corpus, "--seq-len", SEQ_LEN, "--batch-size", 1, "--max-tokens", 10**9,
+            "--no-progress")
+    whole, out = tmp_path / "whole.safetensors", tmp_path / "out.safetensors"
+    checkpoint = tmp_path / "out.safetensors.ckpt"
+    assert main(["calibrate", *map(str, args), "--out", str(whole)]) == 0
+    proc = subprocess.Popen(torchrun(2, "calibrate", *args, "--checkpoint-every", 1, "--out", out), env=worker_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 240
+    while not checkpoint.exists():
+        assert proc.poll() is None, proc.communicate()[1].decode()
+        assert time.monotonic() < deadline, "no checkpoint appeared"
+        time.sleep(0.01)
+    time.sleep(0.2)
+    kill_tree(proc)
+    assert proc.returncode == -9 and not out.exists(), "the run ended before it was killed"
+    saved = MoEStats.load(checkpoint)
+    positions = saved.meta["checkpoint"]["positions"]
+    assert min(positions) > 0 and sum(positions) * SEQ_LEN == saved.tokens < MoEStats.load(whole).tokens
+    done = run(torchrun(2, "calibrate", *args, "--checkpoint-every", 1, "--out", out, "--resume"))
+    assert done.returncode == 0, done.stderr
+    a, b = MoEStats.load(out), MoEStats.load(whole)
+    assert a.tokens == b.tokens
+    for x, y in zip(a.layers, b.layers):
+        for key in x:
+            if x[key].dtype == torch.int64:
+                assert torch.equal(x[key], y[key]), key
+            else:
+                torch.testing.assert_close(x[key], y[key], rtol=1e-5, atol=1e-6)
+    assert not checkpoint.exists()

@@ -24,7 +24,10 @@ def _same_weights(a_dir, b_dir) -> None:
 
 
 @pytest.mark.parametrize("model_type, policy", [("llama", ["--ratio", "0.25"]), ("llama", ["--threshold", "0.3"]),
-                                                ("gpt2", ["--ratio", "0.25"]), ("opt", ["--threshold", "0.3"])])
+                                                ("gpt2", ["--ratio", "0.25"]), ("opt", ["--threshold", "0.3"]),
+                                                ("phi3", ["--ratio", "0.25"]), ("gemma2", ["--threshold", "0.3"]),
+                                                ("gemma3_text", ["--ratio", "0.25"]), ("smollm3", ["--ratio", "0.25"]),
+                                                ("olmo2", ["--threshold", "0.3"])])
 def test_out_of_core_equals_in_memory(model_type, policy, corpus_dir, tiny_tokenizer, tmp_path, capsys):
     """Gated, Conv1D and biased MLPs; uniform (stock config) and per-layer widths (remote code)."""
     src = tmp_path / "src"
@@ -50,6 +53,162 @@ def test_out_of_core_equals_in_memory(model_type, policy, corpus_dir, tiny_token
     from transformers import AutoTokenizer
 
     assert AutoTokenizer.from_pretrained(tmp_path / "ooc").get_vocab() == tiny_tokenizer.get_vocab()
+
+
+
+STRUCTURE_ARCHS = [("llama", True), ("qwen2", False), ("gpt2", False), ("gemma", True), ("opt", False),
+                   ("phi3", False)]  # tied / untied, GQA, fused c_attn + Conv1D, √hidden embedding, packed gate_up
+
+
+def _both_ways(model, kept, tokenizer, tmp_path, shard_size="20KB"):
+    """``(in-memory dir, out-of-core dir)`` of ``model`` pruned to ``kept`` (a plan given, no compensation)."""
+    from test_structures import plan_of
+
+    import minigpt
+    from minigpt.sharded import prune_checkpoint
+
+    src = tmp_path / "src"
+    model.save_pretrained(src, max_shard_size=shard_size)
+    tokenizer.save_pretrained(src)
+    plan = plan_of(model, kept)
+    plan.fingerprint = minigpt.stats.fingerprint(model)
+    minigpt.prune(model, pruning_plan=plan)
+    minigpt.save_pruned(model, tokenizer, tmp_path / "mem", plan=plan)
+    prune_checkpoint(src, tmp_path / "ooc", pruning_plan=plan)
+    return tmp_path / "mem", tmp_path / "ooc"
+
+
+@pytest.mark.parametrize("structure", ["mlp", "heads", "kv", "hidden", "layers", "all"])
+@pytest.mark.parametrize(("arch", "tied"), STRUCTURE_ARCHS)
+def test_out_of_core_every_structure_equals_in_memory(arch, tied, structure, tiny_tokenizer, tmp_path):
+    """Every structure of every kind of architecture, tensor for tensor; config and the saved shapes too."""
+    from test_structures import removal, tiny
+
+    from minigpt import surgery
+
+    model = tiny(arch, tied)
+    if structure == "all":
+        parts = [removal(model, s) for s in ("mlp", "heads", "hidden", "layers")]
+        kept = surgery.Kept(mlp=parts[0].mlp, heads=parts[1].heads, hidden=parts[2].hidden, layers=parts[3].layers)
+    else:
+        kept = removal(model, structure)
+    mem, ooc = _both_ways(model, kept, tiny_tokenizer, tmp_path)
+    _same_weights(mem, ooc)
+    config = [json.loads((d / "config.json").read_text()) for d in (mem, ooc)]
+    assert config[0] == config[1]
+    assert (mem / "modeling_minigpt.py").exists() == (ooc / "modeling_minigpt.py").exists()
+
+
+def test_out_of_core_layer_removal_renumbers_keys_and_index(tiny_tokenizer, tmp_path):
+    """Blocks 1 and 3 of 5 go: their tensors leave the shards, blocks 2 and 4 become 1 and 2 in every shard's
+    keys and in the index; shards holding only removed blocks are not written."""
+    from safetensors import safe_open
+    from test_structures import tiny_config
+    from transformers import AutoModelForCausalLM
+
+    from minigpt import surgery
+
+    config = tiny_config("llama")
+    config.num_hidden_layers = 5
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    mem, ooc = _both_ways(model, surgery.Kept(layers=[0, 2, 4]), tiny_tokenizer, tmp_path, shard_size="4KB")
+    _same_weights(mem, ooc)
+    src_index = json.loads((tmp_path / "src" / "model.safetensors.index.json").read_text())["weight_map"]
+    index = json.loads((ooc / "model.safetensors.index.json").read_text())["weight_map"]
+    renamed = {"model.layers.0.": "model.layers.0.", "model.layers.2.": "model.layers.1.",
+               "model.layers.4.": "model.layers.2."}
+    expected = {}
+    for name, file in src_index.items():
+        prefix = ".".join(name.split(".")[:3]) + "."
+        if not name.startswith("model.layers."):
+            expected[name] = file
+        elif prefix in renamed:
+            expected[renamed[prefix] + name[len(prefix):]] = file
+    assert index == expected
+    emptied = set(src_index.values()) - set(index.values())
+    assert emptied  # 4 KB shards: some held only blocks 1 and 3
+    assert sorted(p.name for p in ooc.glob("model-*.safetensors")) == sorted(set(index.values()))
+    for file in set(index.values()):
+        with safe_open(ooc / file, "pt") as f:
+            assert set(f.keys()) == {n for n, v in index.items() if v == file}
+
+
+def test_out_of_core_cli_structures_from_statistics(corpus_dir, tiny_tokenizer, tmp_path, capsys):
+    """``prune --out-of-core`` plans heads, hidden channels, layers and the parameter budget from the statistics on
+    the meta-device model: the same plan and tensors as in memory."""
+    from test_structures import tiny
+
+    src = tmp_path / "src"
+    tiny("qwen2", tied=True).save_pretrained(src, max_shard_size="20KB")
+    tiny_tokenizer.save_pretrained(src)
+    stats = tmp_path / "stats.safetensors"
+    assert main(["calibrate", "--model", str(src), "--data", str(corpus_dir), "--seq-len", "32", "--max-tokens", "256",
+                 "--no-progress", "--no-gram", "--out", str(stats)]) == 0
+    for i, policy in enumerate((["--mlp", "0.25", "--heads", "0.5", "--hidden", "0.25", "--layers", "1"],
+                                ["--target-params", "0.7"])):
+        # --compensate auto refits nothing here (the statistics hold no Gram matrices), in memory or out of core
+        common = ["prune", "--model", str(src), "--stats", str(stats), *policy, "--multiple", "1", "--no-eval"]
+        assert main([*common, "--out", str(tmp_path / f"mem{i}")]) == 0
+        assert main([*common, "--out-of-core", "--out", str(tmp_path / f"ooc{i}")]) == 0
+        assert "out of core" in capsys.readouterr().out
+        _same_weights(tmp_path / f"mem{i}", tmp_path / f"ooc{i}")
+        for name in ("config.json", "minigpt_plan.json"):
+            assert (json.loads((tmp_path / f"mem{i}" / name).read_text())
+                    == json.loads((tmp_path / f"ooc{i}" / name).read_text())), name
+
+
+
+@pytest.mark.parametrize("model_type, policy, slot", [
+    ("llama", ["--mlp", "0.25", "--heads", "0.5", "--hidden", "0.25", "--layers", "1", "--compensate", "auto"],
+     "mlp_bias"),  # biases added to gate/up/down, every structure cut
+    ("llama", ["--threshold", "0.3", "--compensate", "lstsq"], "mlp_bias"),  # per-layer widths: the modeling file
+    ("opt", ["--ratio", "0.25", "--compensate", "bias"], "down"),  # fc2's own bias
+    ("gpt2", ["--ratio", "0.25", "--hidden", "0.25", "--compensate", "lstsq"], "down"),  # Conv1D
+    ("qwen2", ["--ratio", "0.25", "--compensate", "lstsq"], "none")])  # no place for a bias
+def test_out_of_core_compensation_equals_in_memory(model_type, policy, slot, corpus_dir, tiny_tokenizer, tmp_path,
+                                                   capsys):
+    """Each down_proj refitted from the Gram statistics as it is read: the in-memory tensors, biases included."""
+    from test_structures import tiny
+
+    src = tmp_path / "src"
+    tiny(model_type).save_pretrained(src, max_shard_size="20KB")
+    tiny_tokenizer.save_pretrained(src)
+    stats = tmp_path / "stats.safetensors"
+    assert main(["calibrate", "--model", str(src), "--data", str(corpus_dir), "--seq-len", "32", "--max-tokens", "256",
+                 "--no-progress", "--out", str(stats)]) == 0
+    common = ["prune", "--model", str(src), "--stats", str(stats), *policy, "--multiple", "1", "--no-eval"]
+    assert main([*common, "--out", str(tmp_path / "mem")]) == 0
+    assert main([*common, "--out-of-core", "--out", str(tmp_path / "ooc")]) == 0
+    _same_weights(tmp_path / "mem", tmp_path / "ooc")
+    plans = [json.loads((tmp_path / d / "minigpt_plan.json").read_text()) for d in ("mem", "ooc")]
+    assert plans[0] == plans[1] and plans[1]["policy"]["compensate"]["bias"] == slot
+    assert plans[1]["policy"]["compensate"]["method"] == "lstsq" if "auto" in policy else policy[-1]
+    configs = [json.loads((tmp_path / d / "config.json").read_text()) for d in ("mem", "ooc")]
+    assert configs[0] == configs[1] and configs[1].get("mlp_bias", False) == (slot == "mlp_bias")
+
+
+
+def test_out_of_core_refuses_what_the_description_lacks(tiny_tokenizer, tmp_path, capsys):
+    """OPT projecting its embeddings (word_embed_proj_dim ≠ hidden_size) has no describable hidden channels: one
+    line, exit 2, nothing written (the policy is checked on the meta-device model; tensors are read only while
+    writing)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from minigpt.stats import CalibrationStats, fingerprint
+
+    config = AutoConfig.for_model("opt", hidden_size=32, ffn_dim=48, num_hidden_layers=2, num_attention_heads=4,
+                                  word_embed_proj_dim=16, vocab_size=512, max_position_embeddings=64)
+    src = tmp_path / "src"
+    model = AutoModelForCausalLM.from_config(config)
+    model.save_pretrained(src)
+    tiny_tokenizer.save_pretrained(src)
+    CalibrationStats.empty(fingerprint(model, tiny_tokenizer)).save(tmp_path / "stats.safetensors")
+    capsys.readouterr()
+    assert main(["prune", "--model", str(src), "--stats", str(tmp_path / "stats.safetensors"), "--hidden", "0.25",
+                 "--out-of-core", "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "no describable hidden channels" in err[0] and not (tmp_path / "out").exists()
 
 
 MEASURE = """

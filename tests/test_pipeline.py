@@ -10,7 +10,8 @@ import minigpt
 from minigpt import adapters
 from minigpt.evaluation import parameter_counts
 
-ARCHS = ["llama", "mistral", "qwen2", "qwen3", "gemma", "opt", "gpt2", "phi"]
+DENSE_NEW = ["phi3", "gemma2", "gemma3_text", "smollm3", "olmo2"]  # fused gate_up, soft-capping, their own norms
+ARCHS = ["llama", "mistral", "qwen2", "qwen3", "gemma", "opt", "gpt2", "phi", *DENSE_NEW]
 
 
 def _expected_removed(model, kept: list[int]) -> int:
@@ -23,7 +24,8 @@ def _expected_removed(model, kept: list[int]) -> int:
                 proj = getattr(mlp, name)
                 n = adapters.widths(model)[0] - k
                 per = proj.weight.shape[1 - adapters.neuron_dim(layout, side)]
-                total += n * (per + (1 if side == "rows" and proj.bias is not None else 0))
+                rows = 2 if side == "rows" and layout.packed else 1  # a fused gate_up: rows j and N+j
+                total += n * rows * (per + (1 if side == "rows" and proj.bias is not None else 0))
     return total
 
 
@@ -100,3 +102,33 @@ def test_unsupported_architecture_lists_supported():
                                        intermediate_size=32, is_decoder=True))
     with pytest.raises(minigpt.MiniGPTError, match="unsupported model_type 'bert'; supported: gemma, gpt2, llama"):
         adapters.get_layout(model)
+
+
+@pytest.mark.usefixtures("one_thread")
+@pytest.mark.parametrize("arch", ["llama", *DENSE_NEW])
+def test_pruned_model_evaluates_and_benches(arch, corpus_dir, tiny_tokenizer, tmp_path, capsys):
+    """``minigpt prune`` → ``minigpt eval`` → ``minigpt bench`` (the saved model against its source and the source
+    pruned by ``@RATIO``) on every dense architecture added after llama's."""
+    import json
+
+    from minigpt import bench
+    from minigpt.cli import main
+
+    src, out = tmp_path / "src", tmp_path / "pruned"
+    tiny_model(arch).save_pretrained(src)
+    tiny_tokenizer.save_pretrained(src)
+    assert main(["prune", "--model", str(src), "--data", str(corpus_dir), "--max-tokens", "256", "--seq-len", "32",
+                 "--ratio", "0.25", "--multiple", "1", "--eval-data", str(corpus_dir / "glob.py.txt"),
+                 "--eval-tokens", "128", "--eval-seq-len", "32", "--no-progress", "--json", "--out", str(out)]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["after"]["perplexity"] > 1
+    assert main(["eval", "--model", str(out), "--data", str(corpus_dir / "glob.py.txt"), "--eval-tokens", "128",
+                 "--eval-seq-len", "32", "--no-progress", "--json"]) == 0
+    evaluated = json.loads(capsys.readouterr().out)
+    assert evaluated["perplexity"] == pytest.approx(report["after"]["perplexity"], rel=1e-4)
+    measured = bench.benchmark([str(src), str(out), f"{src}@0.25"], prompt_lengths=[8], decode_tokens=2,
+                               batch_sizes=[1], repeats=1, warmup=0)
+    base, pruned, by_ratio = measured["models"]
+    assert base["mlp_widths"] == [48, 48] and pruned["mlp_widths"] == by_ratio["mlp_widths"] == [36, 36]
+    assert max(pruned["params"]["mlp"], by_ratio["params"]["mlp"]) < base["params"]["mlp"]
+    assert all(m["decode"]["1"]["tokens_per_s"] > 0 for m in measured["models"])
