@@ -82,7 +82,8 @@ def plot(r: dict, path: Path) -> None:
     ax.axhline(1 + b["max_increase"], color="k", lw=1, label=f"budget ×{1 + b['max_increase']:g}")
     ax.plot([100 * b["ratio"]], [r["held_out"]["ratio"]], "s", color="tab:red",
             label="chosen model on held-out text not used for sizing")
-    ax.set(xlabel="MLP neurons removed (%)", ylabel="perplexity × unpruned", yscale="log",
+    ax.set(xlabel="ratio asked of every layer (%; kept widths are then rounded up as --multiple says)",
+           ylabel="perplexity × unpruned",
            title="quality budget: bisection over plans of one calibration")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
