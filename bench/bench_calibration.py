@@ -171,6 +171,9 @@ def main(argv: list[str] | None = None) -> None:
     for key in ("batches", "batch_size", "seq_len", "reps"):
         p.add_argument(f"--{key.replace('_', '-')}", type=int)
     p.add_argument("--threads", type=int, help="torch CPU threads (on a shared machine 1 avoids OpenMP stalls)")
+    p.add_argument("--methods", nargs="+", help="only these methods, named as in the table (bare always runs), "
+                   "e.g. 'minigpt cpp (auto)' 'minigpt cpp + Gram'")
+    p.add_argument("--out", type=Path, help="result path without suffix (default bench/results/calibration_DEVICE)")
     args = p.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         print("bench_calibration: CUDA is not available here; run with --device cpu (nothing measured)")
@@ -184,6 +187,10 @@ def main(argv: list[str] | None = None) -> None:
     model, batches = load(args.model, args.device, args)
     tokens = sum(b.numel() for b in batches)
     fns = methods(args.device)
+    unknown = set(args.methods or ()) - set(fns)
+    if unknown:
+        raise SystemExit(f"bench_calibration: unknown methods {sorted(unknown)}; choose from {list(fns)}")
+    fns = {k: f for k, f in fns.items() if k == "bare" or not args.methods or k in args.methods}
     for fn in fns.values():  # warm-up: lazy initialisation, allocator, kernel compilation
         fn(model, batches[:1])
     names = list(fns)
@@ -226,10 +233,11 @@ def main(argv: list[str] | None = None) -> None:
                      f"[{m['min']:.1f}-{m['max']:.1f}] | {mem_ratio} |")
     table = "\n".join(lines)
     print(table)
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / f"calibration_{args.device}.md").write_text(table + "\n")
-    (RESULTS / f"calibration_{args.device}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
-    bar_chart(RESULTS / f"calibration_{args.device}.png", f"Calibration, {args.model} {dtype}, {meta['device_name']}",
+    out = args.out or RESULTS / f"calibration_{args.device}"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".md").write_text(table + "\n")
+    out.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
+    bar_chart(out.with_suffix(".png"), f"Calibration, {args.model} {dtype}, {meta['device_name']}",
               "median over interleaved repetitions (whiskers: min-max)", {
                   "tokens/s (wall)": [(r["method"], *(r["tokens_per_s"][k] for k in ("median", "min", "max")))
                                       for r in rows],

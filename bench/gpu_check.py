@@ -8,7 +8,8 @@ Steps, sized to finish in under 8 minutes on one H100/H200:
 2. kernels: ``bench.bench_kernels`` (Triton vs CUDA vs torch for every op; act_stats at 64k tokens x 14336 bf16,
    histograms at 128k/256k vocabularies vs ``torch.bincount``, gathers vs ``index_select`` and the copy bandwidth).
 3. calibration: ``bench.bench_calibration --device cuda`` (Llama-3.2-1B shape, bf16, sequence 2048: bare forward vs
-   minigpt vs peers' hooks, tokens/s and peak memory).
+   minigpt, without and with the Gram statistics compensation and OBS need, vs peers' hooks, tokens/s and peak
+   memory; the Gram cost is printed under the summary).
 4. decode: ``minigpt.bench`` on the Llama-3.1-8B shape against its copy with 40 % of every MLP pruned (widths
    rounded to 128) and its copy at 60 % of the parameters by the ``--target-params`` rule (MLP neurons and query
    heads, ``@params=0.6``), batch 1.
@@ -103,12 +104,18 @@ def measured() -> dict:
     """The measured value of every target (None where its benchmark did not run) and the fastest backend per op."""
     values: dict[str, float | None] = dict.fromkeys(TARGETS)
     fastest: dict[str, str] = {}
+    notes: dict[str, str] = {}
     calib = _load("calibration_cuda.json")
     if calib:
         rows = {r["method"]: r for r in calib["rows"]}
         auto = next(r for name, r in rows.items() if name.endswith("(auto)"))
         values["calibration_speed"] = auto["tokens_per_s"]["median"] / rows["bare"]["tokens_per_s"]["median"]
         values["calibration_memory"] = auto["peak_mem_vs_bare"]
+        gram = next((r for name, r in rows.items() if name.endswith("+ Gram")), None)
+        if gram:  # reported, no target: the cost of the Gram statistics compensation and OBS need
+            notes["Gram statistics on (compensation, OBS): tokens/s vs the fused pass without"] = (
+                f"{gram['tokens_per_s']['median'] / auto['tokens_per_s']['median']:.3f}x, peak memory "
+                f"{gram['peak_mem_MiB']['median'] - auto['peak_mem_MiB']['median']:+.0f} MiB")
     kernels = _load("kernels_cuda.json")
     if kernels:
         rows = kernels["results"]
@@ -130,7 +137,7 @@ def measured() -> dict:
     decode = _load("decode_cuda.json")
     if decode:
         values["decode_speedup"] = decode["models"][1]["relative"]["decode_speedup"]["1"]
-    return {"values": values, "fastest_backend": fastest}
+    return {"values": values, "fastest_backend": fastest, "notes": notes}
 
 
 def summary_table(device: str, steps: dict, found: dict) -> str:
@@ -148,6 +155,7 @@ def summary_table(device: str, steps: dict, found: dict) -> str:
     if found["fastest_backend"]:
         lines += ["", "Fastest GPU backend by op (median time): " + ", ".join(
             f"{op}: {b}" for op, b in found["fastest_backend"].items())]
+    lines += [f"{what}: {value}" for what, value in found.get("notes", {}).items()]
     return "\n".join(lines) + "\n"
 
 

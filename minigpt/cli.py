@@ -51,14 +51,20 @@ def _add_compensation_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--compensate", default="auto", choices=("auto", "none", "bias", "lstsq"),
                    help="refit down_proj on the kept neurons (README: Compensation); auto: lstsq when the "
                    "statistics hold Gram matrices, none otherwise")
-    p.add_argument("--select", default="metric", choices=("metric", "obs"),
-                   help="which neurons go: the metric's lowest, or greedy structured OBS (counts from the metric)")
+    p.add_argument("--select", default="auto", choices=("auto", "metric", "obs"),
+                   help="which neurons go: the metric's lowest, or greedy structured OBS (counts from the metric); "
+                   "auto: obs when the refit is lstsq and the metric the default l1 (not --reverse, --plan, --out-of-core)")
     p.add_argument("--damping", type=float, default=0.01, help="least-squares / OBS damping (fraction of the "
                    "mean diagonal of the second moment)")
     p.add_argument("--sequential", action="store_true", help="calibrate, prune and refit layer by layer on the "
                    "pruned layers' outputs (one layer's statistics in memory at a time)")
-    p.add_argument("--budget-tokens", type=int, default=4096, help="held-out tokens that size the model under "
-                   "--max-ppl-increase (taken after the --eval-tokens the report uses)")
+    p.add_argument("--budget-tokens", type=int, default=16384, help="held-out tokens that size the model under "
+                   "--max-ppl-increase: windows of the documents after those the report's --eval-tokens score")
+    p.add_argument("--budget-doc-tokens", type=int, default=256, help="at most this many sizing tokens of each "
+                   "document (a seeded window), so that --budget-tokens spans many documents")
+    p.add_argument("--budget-confidence", type=float, default=0.95, help="a plan passes when this upper confidence "
+                   "bound of its perplexity ratio (over the sizing documents) is within the budget; 0.5: the ratio "
+                   "measured (README: quality budget)")
 
 
 def _add_eval_args(p: argparse.ArgumentParser, data_flag: str) -> None:
@@ -126,9 +132,9 @@ def build_parser() -> argparse.ArgumentParser:
                          "when the model's widths are multiples of 32 and ≥ 256; 64/128 for tensor cores; 1 = exact")
     pr.add_argument("--min-keep", type=float, default=0.0, help="keep at least this fraction of every layer")
     pr.add_argument("--vocab", action="store_true", help="also drop the tokens the domain uses least: the fewest "
-                    "kept whose held-out bits per byte rise by at most --vocab-max-increase (README: Vocabulary)")
-    pr.add_argument("--vocab-max-increase", type=float, default=1.0, metavar="PCT",
-                    help="largest held-out bits-per-byte increase in %% when choosing the kept size (default 1)")
+                    "kept whose held-out bits per byte rise by at most --max-bpb-increase (README: Vocabulary)")
+    pr.add_argument("--max-bpb-increase", type=float, help="size the kept vocabulary by this budget: the largest "
+                    "relative rise of held-out bits per byte (0.01 = 1 %%, the default with --vocab; implies --vocab)")
     pr.add_argument("--vocab-min-count", type=int, help="instead of the bound: keep tokens seen at least this often")
     pr.add_argument("--vocab-keep", nargs="+", default=(), help="tokens always kept")
     pr.add_argument("--vocab-tokens", type=int, default=1_000_000, help="count the vocabulary over this many "
@@ -299,8 +305,6 @@ def _compensation(args, stats, given_plan) -> str:
     if args.max_ppl_increase is not None and (given_plan is not None or args.out_of_core or args.sequential):
         raise MiniGPTError("--max-ppl-increase sizes a plan from one calibration: not with --plan, --out-of-core "
                            "or --sequential")
-    if args.max_ppl_increase is not None and not args.max_ppl_increase > 0:
-        raise MiniGPTError(f"--max-ppl-increase must be > 0 (0.10 = 10 %), got {args.max_ppl_increase}")
     if args.sequential and (stats is not None or given_plan is not None or args.out_of_core or args.vocab
                             or args.threshold is not None or args.reverse or args.scope != "uniform"):
         raise MiniGPTError("--sequential calibrates layer by layer with a uniform --ratio: not with --stats, --plan, "
@@ -315,19 +319,16 @@ def _compensation(args, stats, given_plan) -> str:
 
 
 def _size_by_budget(args, model, tokenizer, stats, prune_kwargs: dict) -> dict:
-    """``budget.size_by_budget`` on the held-out tokens after the ``--eval-tokens`` the report scores."""
-    from minigpt.budget import size_by_budget
-    from minigpt.evaluation import token_stream
+    """``budget.size_by_budget`` on windows of the held-out documents after those the report scores."""
+    from minigpt.budget import size_by_budget, sizing_documents
+    from minigpt.evaluation import documents_after
     from minigpt.pipeline import prune
 
-    ids = token_stream(tokenizer, args.eval_data, args.eval_tokens + args.budget_tokens,
-                       doc_tokens=args.eval_doc_tokens)[args.eval_tokens:]
-    if ids.numel() < 2:
-        raise MiniGPTError(f"the held-out text has no tokens after the first {args.eval_tokens} for sizing "
-                           "(lower --eval-tokens or give longer --eval-data)")
-    return size_by_budget(model, tokenizer, ids, lambda m, r: prune(m, tokenizer, stats=stats, ratio=r,
-                                                                    **prune_kwargs)[0],
-                          max_increase=args.max_ppl_increase, seq_len=args.eval_seq_len)
+    texts = documents_after(tokenizer, args.eval_data, args.eval_tokens, args.eval_doc_tokens, args.text_field)
+    docs = sizing_documents(tokenizer, texts, args.budget_tokens, min(args.budget_doc_tokens, args.eval_seq_len))
+    return size_by_budget(model, tokenizer, docs, lambda m, r: prune(m, tokenizer, stats=stats, ratio=r,
+                                                                     **prune_kwargs)[0],
+                          max_increase=args.max_ppl_increase, confidence=args.budget_confidence)
 
 
 def cmd_prune(args) -> None:
@@ -351,6 +352,10 @@ def cmd_prune(args) -> None:
     given_plan = PruningPlan.load(args.plan) if args.plan else None
     if stats is None and given_plan is None:
         resolve_files(args.data)  # fail on bad paths before loading the model
+    if args.max_bpb_increase is not None and args.vocab_min_count is not None:
+        raise MiniGPTError("--max-bpb-increase sizes the vocabulary by held-out text; --vocab-min-count by counts: "
+                           "give one of them")
+    args.vocab = args.vocab or args.max_bpb_increase is not None
     if args.vocab:
         resolve_files(args.data)  # the corpus the vocabulary is counted over
     if not args.no_eval or args.vocab:
@@ -369,6 +374,10 @@ def cmd_prune(args) -> None:
         raise MiniGPTError("--heads/--hidden/--layers/--target-params do not combine with --max-ppl-increase or "
                            "--sequential (MLP neurons only)")
     compensate = _compensation(args, stats, given_plan)
+    if args.select == "auto":
+        obs = (compensate == "lstsq" and given_plan is None and args.metric == "l1" and not args.reverse
+               and not args.out_of_core)
+        args.select = "obs" if obs else "metric"
     if args.out_of_core:
         return _prune_out_of_core(args, Path(source), out, stats, given_plan, policy, compensate)
     model, tokenizer = _load(args)
@@ -416,6 +425,10 @@ def cmd_prune(args) -> None:
             pad_to=args.vocab_pad_to, min_size=args.vocab_min_size, keep_ids=keep)
         vocab_report.update(choice)
         plan.vocab = kept_ids.tolist()
+        if keep is not None:
+            plan.policy["vocab_budget"] = {k: choice[k] for k in ("max_increase_pct", "bits_per_byte_full",
+                                                                  "bits_per_byte_kept", "increase_pct", "tried",
+                                                                  "heldout")}
     if args.no_eval:
         after = {"params": parameter_counts(model)}
     else:
@@ -442,12 +455,14 @@ def cmd_prune(args) -> None:
 
 def _vocab_choice(model, tokenizer, counts, args) -> tuple:
     """``(keep ids, report)`` chosen by the held-out bound, or ``(None, {})`` with ``--vocab-min-count``."""
-    from minigpt.vocab_size import choose_vocab, heldout_texts
+    from minigpt.vocab_size import MAX_INCREASE, choose_vocab, heldout_texts
 
     if args.vocab_min_count is not None:
         return None, {"counted_tokens": int(counts.sum())}
-    texts, held = heldout_texts(args.eval_data, text_field=args.text_field)
-    keep, report = choose_vocab(model, tokenizer, counts, texts, max_increase=args.vocab_max_increase / 100,
+    texts, held = heldout_texts(tokenizer, args.eval_data, skip_tokens=args.eval_tokens,
+                                skip_doc_tokens=args.eval_doc_tokens, text_field=args.text_field)
+    bound = MAX_INCREASE if args.max_bpb_increase is None else args.max_bpb_increase
+    keep, report = choose_vocab(model, tokenizer, counts, texts, max_increase=bound,
                                 always_keep=args.vocab_keep, pad_to=args.vocab_pad_to, min_size=args.vocab_min_size)
     return keep, {**report, "heldout": held, "counted_tokens": int(counts.sum())}
 

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from minigpt import adapters, moe
-from minigpt.data import iter_texts, iter_token_ids, resolve_files
+from minigpt.data import document_window, iter_texts, iter_token_ids, resolve_files
 
 
 def parameter_counts(model) -> dict[str, int]:
@@ -58,6 +58,22 @@ def token_stream(tokenizer, data=None, max_tokens: int = 16384, text_field: str 
         if len(ids) >= max_tokens:
             break
     return torch.tensor(ids[:max_tokens], dtype=torch.long)
+
+
+def documents_after(tokenizer, data=None, skip_tokens: int = 0, skip_doc_tokens: int | None = None,
+                    text_field: str = "text"):
+    """The held-out documents (texts, file order) after those ``token_stream(tokenizer, data, skip_tokens,
+    doc_tokens=skip_doc_tokens)`` takes tokens from: text to size a model on that a report of the first
+    ``skip_tokens`` does not score."""
+    files = resolve_files(data, default="stdlib-heldout")
+    eos = int(tokenizer.eos_token_id is not None)
+    seen = 0
+    for text in iter_texts(files, text_field, seed=None):
+        if seen >= skip_tokens:
+            yield text
+            continue
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        seen += len(document_window(ids, skip_doc_tokens)) + eos
 
 
 @torch.inference_mode()

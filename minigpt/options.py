@@ -28,7 +28,11 @@ RULES: dict[str, tuple] = {
     "multiple": _POSITIVE, "min_keep": _FRACTION,
     # vocabulary
     "vocab_min_count": _NON_NEGATIVE, "vocab_tokens": _POSITIVE, "vocab_min_size": _NON_NEGATIVE,
-    "vocab_pad_to": _POSITIVE, "vocab_max_increase": (lambda v: 0 <= v <= 100, "a percentage in [0, 100]"),
+    "vocab_pad_to": _POSITIVE,
+    # quality budgets
+    "max_ppl_increase": (lambda v: v > 0, "> 0 (0.10 = 10 %)"), "max_bpb_increase": (lambda v: v > 0, "> 0 (0.01 = 1 %)"),
+    "budget_tokens": _POSITIVE, "budget_doc_tokens": _POSITIVE,
+    "budget_confidence": (lambda v: 0.5 <= v < 1, "in [0.5, 1) (0.5: the measured ratio)"),
     # fine-tuning
     "max_steps": _POSITIVE, "eval_every": _POSITIVE, "grad_accum": _POSITIVE, "lr": _STRICT_POSITIVE,
     "distill_alpha": _FRACTION, "distill_temperature": _STRICT_POSITIVE, "train_tokens": _POSITIVE,

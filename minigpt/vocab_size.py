@@ -2,38 +2,58 @@
 
 Candidates keep the most frequent tokens first (``vocab.plan_vocab`` with ``min_size``), so they are nested; a
 bisection over the size finds the smallest one whose bits per byte on held-out text rise by at most
-``max_increase`` (default 1 %) over the full vocabulary's. A candidate is scored without building the smaller
+``max_increase`` (``--max-bpb-increase``, default 1 %) over the full vocabulary's, on windows of many held-out
+documents that the report's before/after evaluation does not score. A candidate is scored without building the smaller
 model: the held-out text is tokenized by the pruned tokenizer, its ids mapped back to the original ones, and the
 original model's logits restricted to the kept rows, which is exactly what the shrunk model computes.
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
+import random
 
 import torch
 
 from minigpt import vocab
-from minigpt.data import iter_texts, resolve_files
+from minigpt.evaluation import documents_after
 
-HELDOUT_BYTES = 1 << 14
-"""Held-out text scored for each candidate size (the first documents of the held-out corpus, whole lines)."""
+MAX_INCREASE = 0.01
+"""Default bound on the held-out bits-per-byte increase (``--max-bpb-increase``)."""
+HELDOUT_BYTES = 1 << 15
+"""Held-out text scored for each candidate size, in windows of at most ``DOC_BYTES`` of many documents."""
+DOC_BYTES = 1 << 10
 
 
-def heldout_texts(data=None, max_bytes: int = HELDOUT_BYTES, text_field: str = "text") -> tuple[list[str], dict]:
-    """The first ``max_bytes`` of the held-out corpus ``data`` (default ``stdlib-heldout``) and a description."""
-    files = resolve_files(data, default="stdlib-heldout")
+def text_window(text: str, max_bytes: int) -> str:
+    """Whole lines of ``text``, at most ``max_bytes`` of them, from a line at an offset fixed by the content."""
+    data = text.encode()
+    if len(data) <= max_bytes:
+        return text
+    key = hashlib.blake2b(data[:256] + len(data).to_bytes(8, "little"), digest_size=8).digest()
+    start = data.rfind(b"\n", 0, random.Random(key).randrange(len(data) - max_bytes + 1)) + 1
+    piece = data[start: start + max_bytes]
+    end = piece.rfind(b"\n") + 1
+    return piece[: end or len(piece)].decode(errors="ignore")
+
+
+def heldout_texts(tokenizer, data=None, *, skip_tokens: int = 0, skip_doc_tokens: int | None = None,
+                  max_bytes: int = HELDOUT_BYTES, doc_bytes: int = DOC_BYTES,
+                  text_field: str = "text") -> tuple[list[str], dict]:
+    """A ``doc_bytes`` window (whole lines) of each held-out document of ``data`` (default ``stdlib-heldout``)
+    after those a report of its first ``skip_tokens`` scores (``evaluation.documents_after``), until
+    ``max_bytes``; and a description."""
     texts, size = [], 0
-    for text in iter_texts(files, text_field, seed=None):
-        room = max_bytes - size
-        if len(text.encode()) > room:
-            text = text.encode()[:room].decode(errors="ignore").rsplit("\n", 1)[0]
-        if text:
+    for text in documents_after(tokenizer, data, skip_tokens, skip_doc_tokens, text_field):
+        text = text_window(text, min(doc_bytes, max_bytes - size))
+        if text.strip():
             texts.append(text)
             size += len(text.encode())
-        if size >= max_bytes - 1024:
+        if size >= max_bytes - 64:
             break
-    return texts, {"data": data or "stdlib-heldout", "documents": len(texts), "bytes": size}
+    return texts, {"data": data or "stdlib-heldout", "skip_tokens": skip_tokens, "documents": len(texts),
+                   "bytes": size}
 
 
 @torch.inference_mode()
@@ -60,7 +80,7 @@ def bits_per_byte(model, tokenizer, texts: list[str], keep: torch.Tensor | None 
     return nll / math.log(2) / max(total_bytes, 1)
 
 
-def choose_vocab(model, tokenizer, counts: torch.Tensor, texts: list[str], *, max_increase: float = 0.01,
+def choose_vocab(model, tokenizer, counts: torch.Tensor, texts: list[str], *, max_increase: float = MAX_INCREASE,
                  always_keep=(), pad_to: int = 1, min_size: int = 0, resolution: int | None = None):
     """``(keep, report)``: the smallest frequency-ordered kept set whose bits per byte on ``texts`` are at most
     ``(1 + max_increase)`` times the full vocabulary's (bisection down to ``resolution`` tokens, default 1/128

@@ -127,7 +127,7 @@ def test_prune_with_vocab_saves_a_stock_loadable_smaller_vocabulary(model_dir, c
 
     out = tmp_path / "pruned-vocab"
     code, text, _ = _run(capsys, "prune", "--model", model_dir, "--data", corpus_dir, *CAL, "--ratio", "0.25",
-                         "--vocab", "--out", out, "--eval-data", corpus_dir, *EVAL)
+                         "--max-bpb-increase", "0.05", "--out", out, "--eval-data", corpus_dir, *EVAL)
     assert code == 0 and "vocabulary: kept" in text and "| bits per byte |" in text and "| tokens per byte |" in text
     report = json.loads((out / "minigpt_report.json").read_text())
     kept = report["vocab"]["vocab_kept"]

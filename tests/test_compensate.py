@@ -99,9 +99,15 @@ def test_calibrate_collects_gram_when_asked_and_reports_its_size(tiny_tokenizer,
     assert calibrate(model, tiny_tokenizer, [str(corpus_dir)], gram=False, **CALIB).gram is None
 
 
-@pytest.mark.parametrize("model_type", ["llama", "gpt2", "qwen3"])
+BIAS_SLOT = {"llama": "mlp_bias", "smollm3": "mlp_bias", "opt": "down", "gpt2": "down", "phi": "down",
+             **dict.fromkeys(["mistral", "qwen2", "qwen3", "gemma", "phi3", "gemma2", "gemma3_text", "olmo2"], "none")}
+"""Every supported dense architecture and where a compensation bias goes (``compensate.bias_slot``)."""
+
+
+@pytest.mark.parametrize("model_type", list(BIAS_SLOT))
 def test_refit_equals_the_float64_closed_form(model_type, tiny_tokenizer, corpus_dir):
-    """llama: bias via mlp_bias; gpt2: its own c_proj bias; qwen3: no place for a bias (uncentred refit)."""
+    """mlp_bias: switched on (Llama, SmolLM3); down: the projection's own bias (OPT, GPT-2, Phi); none: no place
+    for a bias, the uncentred refit (the rest; Phi-3's packed gate_up_proj too)."""
     model = tiny_model(model_type)
     batches = _batches(tiny_tokenizer, corpus_dir)
     xs = _down_inputs(model, batches)
@@ -112,8 +118,8 @@ def test_refit_equals_the_float64_closed_form(model_type, tiny_tokenizer, corpus
     old_w = [d.weight.detach().movedim(dim, 1).double().clone() for d in downs]
     old_b = [None if d.bias is None else d.bias.detach().double().clone() for d in downs]
     pruned, plan = prune(copy.deepcopy(model), tiny_tokenizer, stats=stats, ratio=0.4, compensate="lstsq", damping=0)
-    with_bias = model_type != "qwen3"
-    assert plan.policy["compensate"]["bias"] == {"llama": "mlp_bias", "gpt2": "down", "qwen3": "none"}[model_type]
+    with_bias = BIAS_SLOT[model_type] != "none"
+    assert plan.policy["compensate"]["bias"] == BIAS_SLOT[model_type]
     for layer, (x, w, mlp) in enumerate(zip(xs, old_w, adapters.mlps(pruned))):
         kept = plan.kept_tensors()[layer]
         removed = torch.tensor(sorted(set(range(w.shape[1])) - set(kept.tolist())))
@@ -129,8 +135,44 @@ def test_refit_equals_the_float64_closed_form(model_type, tiny_tokenizer, corpus
             expected_b = solution[:, -1] + (old_b[layer] if old_b[layer] is not None else 0)
             got_b = down.bias.detach().double()
             assert float((got_b - expected_b).norm()) < tol * float(expected_b.norm() + w.norm())
-    if model_type == "llama":
+    if BIAS_SLOT[model_type] == "mlp_bias":
         assert pruned.config.mlp_bias and float(adapters.mlps(pruned)[0].gate_proj.bias.detach().abs().max()) == 0
+
+
+@pytest.mark.parametrize("model_type", list(BIAS_SLOT))
+def test_compensated_models_of_every_architecture_reload(model_type, tiny_tokenizer, corpus_dir, tmp_path):
+    """lstsq (and bias where there is a place for one) on each architecture: the bias is the removed neurons' mean
+    contribution, and the saved model reloads with stock ``from_pretrained`` computing the same logits.
+    Architectures with no bias slot refuse ``bias`` with a one-line error."""
+    from transformers import AutoModelForCausalLM
+
+    from minigpt.compact import save_pruned
+    from minigpt.errors import MiniGPTError
+
+    model = tiny_model(model_type)
+    batches = _batches(tiny_tokenizer, corpus_dir)
+    xs = _down_inputs(model, batches)
+    stats = _gram_stats(model, tiny_tokenizer, batches)
+    layout = adapters.get_layout(model)
+    dim = adapters.neuron_dim(layout, "cols")
+    for method in ("lstsq", "bias"):
+        if method == "bias" and BIAS_SLOT[model_type] == "none":
+            with pytest.raises(MiniGPTError, match="has no MLP output bias"):
+                prune(copy.deepcopy(model), tiny_tokenizer, stats=stats, ratio=0.25, compensate="bias")
+            continue
+        pruned, plan = prune(copy.deepcopy(model), tiny_tokenizer, stats=stats, ratio=0.25, compensate=method)
+        if method == "bias":
+            for x, old, new, kept in zip(xs, adapters.mlps(model), adapters.mlps(pruned), plan.kept_tensors()):
+                old, new = getattr(old, layout.cols[0]), getattr(new, layout.cols[0])
+                w = old.weight.detach().movedim(dim, 1).double()
+                removed = torch.ones(w.shape[1], dtype=torch.bool)
+                removed[kept] = False
+                expected = w[:, removed] @ x[:, removed].mean(0) + (0 if old.bias is None else old.bias.double())
+                torch.testing.assert_close(new.bias.detach().double(), expected, rtol=1e-4, atol=1e-5)
+        out = save_pruned(pruned, tiny_tokenizer, tmp_path / method, plan=plan)
+        loaded = AutoModelForCausalLM.from_pretrained(out).eval()
+        with torch.inference_mode():
+            torch.testing.assert_close(loaded(input_ids=batches[0]).logits, pruned(input_ids=batches[0]).logits)
 
 
 def test_nothing_removed_returns_the_original_weights():
@@ -234,14 +276,16 @@ def test_cli_compensated_obs_model_loads_with_stock_transformers(model_dir, corp
 
 def test_cli_budget_and_sequential(model_dir, corpus_dir, tmp_path):
     out = tmp_path / "budget"
-    assert _prune(model_dir, corpus_dir, out, "--max-ppl-increase", "0.05", "--budget-tokens", "256") == 0
+    assert _prune(model_dir, corpus_dir, out, "--max-ppl-increase", "0.05", "--budget-tokens", "256",
+                  "--budget-doc-tokens", "64", "--eval-data", corpus_dir) == 0
     report = json.loads((out / "minigpt_report.json").read_text())
     budget = report["budget"]
     assert report["plan"]["budget"] == budget and len(budget["curve"]) >= 2
+    assert budget["tokens"] == 256 and budget["documents"] == 4 and budget["confidence"] == 0.95
     assert report["removed_fraction"] == pytest.approx(budget["ratio"], abs=0.02)
     chosen = next(p for p in budget["curve"] if p["ratio"] == budget["ratio"])
-    assert chosen["perplexity"] <= budget["limit"]
-    assert all(p["perplexity"] > budget["limit"] for p in budget["curve"] if p["ratio"] > budget["ratio"])
+    assert chosen["perplexity"] <= budget["limit"] and chosen["increase"] <= chosen["upper_increase"] <= 0.05
+    assert all(p["upper_increase"] > 0.05 for p in budget["curve"] if p["ratio"] > budget["ratio"])
     assert _prune(model_dir, corpus_dir, tmp_path / "seq", "--ratio", "0.25", "--sequential") == 0
     assert json.loads((tmp_path / "seq" / "minigpt_plan.json").read_text())["policy"]["sequential"]
 
