@@ -41,6 +41,7 @@ class Policy:
     reverse: bool = False
     heads: float = 0.0
     kv_groups: bool = False
+    heads_scope: str = "uniform"
     hidden: float = 0.0
     layers: int = 0
     layer_metric: str = "influence"
@@ -61,6 +62,8 @@ class Policy:
                                f"got {self.target_params}")
         if self.target_params is not None and (self.mlp is not None or self.threshold is not None or self.heads):
             raise MiniGPTError("--target-params chooses the MLP and head amounts itself: drop --mlp/--ratio/--heads")
+        if self.heads_scope not in ("uniform", "global"):
+            raise MiniGPTError(f"--heads-scope must be uniform or global, got {self.heads_scope!r}")
         if self.layer_metric not in ("influence", "random"):
             raise MiniGPTError(f"layer metric must be influence or random, got {self.layer_metric!r}")
 
@@ -104,6 +107,48 @@ def _lowest(score: torch.Tensor, n: int) -> set[int]:
     return set(torch.sort(score, stable=True).indices[:n].tolist())
 
 
+def head_units(arch, layer: int, kv_groups: bool, score: torch.Tensor) -> list[list[int]]:
+    """Layer ``layer``'s removable units, cheapest first by the per-head ``score: (H,)``: whole KV groups (their
+    query heads), or one query head of every KV group (the k-th cheapest of each, so H' stays a multiple of K)."""
+    groups = arch.layers[layer]
+    per = groups.queries_per_kv
+    by_group = score.view(groups.kv.size, per)
+    if kv_groups:
+        order = torch.sort(by_group.sum(1), stable=True).indices.tolist()
+        return [list(range(g * per, (g + 1) * per)) for g in order]
+    ranks = torch.sort(by_group, dim=1, stable=True).indices  # (K, G)
+    return [[g * per + int(ranks[g, k]) for g in range(groups.kv.size)] for k in range(per)]
+
+
+def kept_heads_global(model, stats, ratio: float, kv_groups: bool) -> list[list[int]]:
+    """Per layer, the query heads kept when ``round(ratio · units)`` units (``head_units``) are removed where
+    removing them costs least over all layers: each unit's structured OBS cost on the attention output
+    projection (``minigpt.compensate.head_costs``), every layer keeping at least one unit."""
+    from minigpt.compensate import head_costs
+
+    arch = describe(model)
+    units, costs = [], []
+    for layer, groups in enumerate(arch.layers):
+        single = head_costs(model, stats, layer, [[h] for h in range(groups.heads.size)])
+        units.append(head_units(arch, layer, kv_groups, single))
+        costs.append(head_costs(model, stats, layer, units[-1]))
+    total = sum(len(u) for u in units)
+    n = round(ratio * total)
+    if n > total - len(units):
+        raise MiniGPTError(f"--heads {ratio} with --heads-scope global would remove every head of some layer")
+    removed = [0] * len(units)
+    items = sorted((float(c), layer, k) for layer, cs in enumerate(costs) for k, c in enumerate(cs))
+    for _, layer, _ in items:  # a layer's costs are not always increasing: it loses its cheapest units first
+        if n == 0:
+            break
+        if removed[layer] < len(units[layer]) - 1:
+            removed[layer] += 1
+            n -= 1
+    costs_order = [torch.sort(c, stable=True).indices.tolist() for c in costs]
+    return [sorted(set(range(groups.heads.size)) - {h for k in order[:r] for h in us[k]})
+            for groups, us, order, r in zip(arch.layers, units, costs_order, removed)]
+
+
 def kept_heads(stats, arch, ratio: float, kv_groups: bool) -> list[list[int]]:
     """Per layer, the query heads kept (see module doc)."""
     out = []
@@ -145,7 +190,10 @@ def kept_layers(stats, n_layers: int, remove: int, metric: str, seed: int) -> li
 def structure_plan(stats, model, policy: Policy) -> surgery.Kept:
     """What ``policy`` keeps of heads, hidden channels and layers (MLP neurons are ``minigpt.plan``'s)."""
     arch = describe(model)
-    heads = kept_heads(stats, arch, policy.heads, policy.kv_groups) if policy.heads else None
+    if policy.heads and policy.heads_scope == "global":
+        heads = kept_heads_global(model, stats, policy.heads, policy.kv_groups)
+    else:
+        heads = kept_heads(stats, arch, policy.heads, policy.kv_groups) if policy.heads else None
     hidden = kept_hidden(stats, arch, policy.hidden, heads, policy.multiple) if policy.hidden else None
     layers = kept_layers(stats, len(arch.layers), policy.layers, policy.layer_metric, policy.seed) \
         if policy.layers else None
