@@ -232,6 +232,16 @@ def compensate(model, stats: CalibrationStats, kept: list[torch.Tensor], method:
             "gram_tokens": stats.gram_tokens if stats is not None else 0}
 
 
+def neuron_costs(model, stats: CalibrationStats, layer: int, damping: float = DAMPING) -> torch.Tensor:
+    """(N,) float64: the structured OBS cost of removing each MLP neuron of layer ``layer`` alone and refitting the
+    rest, ``‖W[:, j]‖² / [H⁻¹]_jj`` on down_proj's weight (``obs_keep``'s first step; residual-stream units)."""
+    proj, dim = _down(adapters.mlps(model)[layer], adapters.get_layout(model))
+    w = proj.weight.detach().movedim(dim, 1).double().cpu()
+    m, _ = moments(stats, layer, bias_slot(model) != "none")
+    hinv = torch.cholesky_inverse(torch.linalg.cholesky(_damped(m, damping)))
+    return (w * w).sum(0) / hinv.diagonal()
+
+
 def obs_kept(model, stats: CalibrationStats, counts: list[int], damping: float = DAMPING,
              block: int = 32) -> list[list[int]]:
     """OBS's kept indices for every layer, keeping ``counts[l]`` neurons (see ``obs_keep``)."""

@@ -8,6 +8,8 @@ Sums only (so merging, resuming and torchrun add them like the MLP sums), in ``C
   MLP (the input of its first colwise projection), summed over layers (Minitron's channel importance);
 * ``layers.influence``: (L,) Σ over tokens of 1 − cos(residual before block l, residual after it): divided by
   the tokens seen, ShortGPT's Block Influence;
+* ``layers.residual_sq``: (L,) Σ over tokens of ‖residual entering block l‖²: the scale the global head ranking
+  and the ``target_params`` rule measure a layer's output error against;
 * ``heads.{l}.gram`` / ``heads.{l}.gram_sum``: (H_l·d, H_l·d) Σ o oᵀ and (H_l·d,) Σ o of the whole input ``o``
   of layer l's output projection, over the batches the MLP Gram statistics take (``gram_tokens``), only when
   those are collected: what the attention refit (``minigpt.compensate.compensate_heads``) and the head OBS
@@ -108,6 +110,7 @@ def collect(model, stats, backend: str):
             after = (output[0] if isinstance(output, tuple) else output).detach().float()
             cos = torch.nn.functional.cosine_similarity(before, after, dim=-1)
             sums.add("layers.influence", layer, n_layers, (1 - cos).sum())
+            sums.add("layers.residual_sq", layer, n_layers, before.pow(2).sum())
 
         handles.append(block.register_forward_hook(influence, with_kwargs=True))
     try:

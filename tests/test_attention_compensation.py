@@ -178,3 +178,21 @@ def test_global_heads_refuse_removing_a_whole_layer():
         prune(model, stats=_stats(model), policy=Policy(mlp=0.0, heads=0.9, kv_groups=True, heads_scope="global"))
     with pytest.raises(minigpt.MiniGPTError, match="heads-scope"):
         Policy(heads=0.5, heads_scope="layer")
+
+
+def test_target_params_spends_the_budget_on_cheap_heads_first():
+    """Layer 1's attention barely writes to the residual stream (o_proj scaled by 1e-3): its KV group costs least
+    per parameter, so the rule removes it (and only then MLP neurons); the budget is met."""
+    from minigpt import importance
+    from minigpt.policy import allocate
+
+    model = tiny("llama")
+    with torch.no_grad():
+        _o_proj(model, 1)[0].weight.mul_(1e-3)
+    stats = _stats(model)
+    total = sum(p.numel() for p in model.parameters())
+    chosen = allocate(stats, model, Policy(target_params=0.9), importance.scores("l1", stats=stats))
+    assert chosen.heads == 1 / 6 and chosen.kv_groups and chosen.heads_scope == "global"
+    pruned, plan = prune(model, stats=stats, policy=Policy(target_params=0.9))
+    assert [len(h) for h in plan.heads] == [4, 2, 4]
+    assert sum(p.numel() for p in pruned.parameters()) <= 0.9 * total
