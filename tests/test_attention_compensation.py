@@ -196,3 +196,30 @@ def test_target_params_spends_the_budget_on_cheap_heads_first():
     pruned, plan = prune(model, stats=stats, policy=Policy(target_params=0.9))
     assert [len(h) for h in plan.heads] == [4, 2, 4]
     assert sum(p.numel() for p in pruned.parameters()) <= 0.9 * total
+
+
+def test_cli_global_heads_save_per_layer_counts_and_reload(tiny_tokenizer, corpus_dir, tmp_path):
+    """``minigpt prune --heads-scope global``: one layer loses a query head, the other keeps both; the report
+    records the attention refit; the saved model (modeling file) reloads and generates."""
+    import json
+
+    from conftest import tiny_model
+    from scale_helpers import save_model
+    from transformers import AutoModelForCausalLM
+
+    from minigpt.cli import main
+
+    model_dir = save_model(tiny_model("llama"), tiny_tokenizer, tmp_path / "model")
+    out = tmp_path / "pruned"
+    assert main(["prune", "--model", str(model_dir), "--data", str(corpus_dir), "--max-tokens", "512", "--seq-len",
+                 "32", "--batch-size", "2", "--no-eval", "--no-progress", "--out", str(out), "--mlp", "0.2",
+                 "--heads", "0.25", "--heads-scope", "global"]) == 0
+    report = json.loads((out / "minigpt_report.json").read_text())
+    plan = json.loads((out / "minigpt_plan.json").read_text())
+    assert plan["policy"]["compensate"]["attention"]["method"] == "lstsq" and plan["policy"]["heads_scope"] == "global"
+    assert sorted(len(h) for h in plan["heads"]) == [1, 2]
+    assert "heads" in json.dumps(report)
+    loaded = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True).eval()
+    with torch.inference_mode():
+        generated = loaded.generate(torch.tensor([[5, 6, 7]]), max_new_tokens=3, do_sample=False, pad_token_id=0)
+    assert generated.shape == (1, 6)
