@@ -2,7 +2,7 @@
 random layers) and the ``--target-params`` allocation; held-out perplexity on stdlib and pydocs.
 
     minigpt calibrate --data stdlib --max-tokens 8192 --doc-tokens 512 --batch-size 4 --out stats.safetensors
-    python -m bench.structures_smollm2 --stats stats.safetensors --eval-tokens 4096 --eval-doc-tokens 256
+    python -m bench.structures_smollm2 --stats stats.safetensors --eval-tokens 2048 --eval-doc-tokens 256
 
 One calibration (stdlib, every statistic and the Gram statistics of down_proj's and o_proj's inputs in one pass)
 serves every plan (``--stats``; calibrated here when absent). Every plan is compensated the same way: the least-squares
@@ -62,10 +62,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--stats", help="statistics file (minigpt calibrate, with Gram statistics): reused")
     parser.add_argument("--cal-tokens", type=int, default=8192, help="calibration tokens when --stats is absent")
-    parser.add_argument("--eval-tokens", type=int, default=4096)
+    parser.add_argument("--eval-tokens", type=int, default=2048)
     parser.add_argument("--eval-doc-tokens", type=int, default=256)
     parser.add_argument("--keep", type=float, default=0.75, help="fraction of parameters kept")
-    parser.add_argument("--kv-groups", type=int, nargs="+", default=[5, 10],
+    parser.add_argument("--kv-groups", type=int, nargs="+", default=[10, 5],
                         help="KV groups removed over all layers (--heads-scope global) in the heads rows")
     parser.add_argument("--plot-only", action="store_true", help="redraw the plot from the saved JSON")
     args = parser.parse_args()
@@ -87,17 +87,17 @@ def main() -> None:
     scores = importance.scores("l1", stats=stats)
     layers = next(n for n in range(1, 30) if params_after(stats, model, Policy(mlp=0.0, layers=n), scores) <= budget)
     n_groups = model.config.num_hidden_layers * model.config.num_key_value_heads
-    plans = {"unpruned": None, "MLP only": Policy(mlp=0.0)}
+    plans = {"unpruned": None, "MLP only": Policy(mlp=0.0), f"--target-params {args.keep}": Policy(
+        target_params=args.keep)}
     for g in args.kv_groups:
         plans[f"{g} KV groups (global) + MLP"] = Policy(mlp=0.0, heads=g / n_groups, kv_groups=True,
                                                        heads_scope="global")
     plans.update({
         "KV groups 1/3 (every layer) + MLP": Policy(mlp=0.0, heads=1 / 3, kv_groups=True),
         "hidden 5 % + MLP": Policy(mlp=0.0, hidden=0.05),
-        "depth 1 layer (Block Influence) + MLP": Policy(mlp=0.0, layers=1),
         f"depth {layers} layers (Block Influence)": Policy(mlp=0.0, layers=layers),
         f"depth {layers} layers (random, seed 0)": Policy(mlp=0.0, layers=layers, layer_metric="random"),
-        f"--target-params {args.keep}": Policy(target_params=args.keep),
+        "depth 1 layer (Block Influence) + MLP": Policy(mlp=0.0, layers=1),
     })
     out = {"model": "SmolLM2-135M-Instruct", "device": "cpu", "threads": torch.get_num_threads(),
            "calibration": {"corpus": "stdlib", "tokens": stats.tokens, "gram_tokens": stats.gram_tokens,
