@@ -25,7 +25,7 @@ import torch
 
 import minigpt
 from minigpt import importance
-from minigpt.policy import Policy, params_after
+from minigpt.policy import Policy, params_after, structure_plan
 from minigpt.stats import CalibrationStats
 
 RESULTS = Path(__file__).with_name("results")
@@ -34,9 +34,10 @@ RESULTS = Path(__file__).with_name("results")
 def smallest_mlp(stats, model, policy: Policy, scores, budget: float) -> Policy:
     """``policy`` with the smallest MLP ratio (1/100 grid) keeping ≤ ``budget`` parameters."""
     lo, hi = 0, 95
+    structures = structure_plan(stats, model, policy)
     while lo < hi:
         mid = (lo + hi) // 2
-        if params_after(stats, model, replace(policy, mlp=mid / 100), scores) <= budget:
+        if params_after(stats, model, replace(policy, mlp=mid / 100), scores, structures) <= budget:
             hi = mid
         else:
             lo = mid + 1

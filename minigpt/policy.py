@@ -239,9 +239,11 @@ def count_after(model, kept: surgery.Kept) -> int:
     return sum(p.numel() for p in shadow.parameters())
 
 
-def params_after(stats, model, policy: Policy, mlp_scores: list[torch.Tensor]) -> int:
-    """Parameters ``model`` keeps under ``policy`` (its ``mlp`` a ratio applied to every layer by ``mlp_scores``)."""
-    kept = structure_plan(stats, model, policy)
+def params_after(stats, model, policy: Policy, mlp_scores: list[torch.Tensor],
+                 structures: surgery.Kept | None = None) -> int:
+    """Parameters ``model`` keeps under ``policy`` (its ``mlp`` a ratio applied to every layer by ``mlp_scores``);
+    ``structures``: ``structure_plan(stats, model, policy)`` when already made (searches over the MLP ratio)."""
+    kept = copy.copy(structures) if structures is not None else structure_plan(stats, model, policy)
     r = policy.mlp or 0.0
     kept.mlp = [sorted(set(range(len(s))) - _lowest(s, min(round(r * len(s)), len(s) - 1))) for s in mlp_scores]
     return count_after(model, kept)
@@ -294,13 +296,17 @@ def allocate(stats, model, policy: Policy, mlp_scores: list[torch.Tensor]) -> Po
     def trial(step: int) -> Policy:
         return replace(base, mlp=step / 200)
 
+    def count(step: int) -> int:
+        return params_after(stats, model, trial(step), mlp_scores, structures)
+
+    structures = structure_plan(stats, model, base)
     lo, hi = 0, 199  # grid steps of 1/200
-    if params_after(stats, model, trial(hi), mlp_scores) > budget:
+    if count(hi) > budget:
         raise MiniGPTError(f"--target-params {policy.target_params} cannot be reached by removing MLP neurons "
                            f"and heads (add --hidden or --layers)")
     while lo < hi:
         mid = (lo + hi) // 2
-        if params_after(stats, model, trial(mid), mlp_scores) <= budget:
+        if count(mid) <= budget:
             hi = mid
         else:
             lo = mid + 1
