@@ -15,16 +15,15 @@ query head of every KV group of a layer) where removing them costs least over al
 the unit's structured OBS cost on the attention output projection (the increase of E‖o_proj output error‖² when
 it goes and the rest is refitted, ``minigpt.compensate.head_costs``), from the Gram statistics of o_proj's input,
 divided by the mean ‖residual‖² entering the layer (the norms downstream see the error relative to the residual,
-which grows about 100× over SmolLM2's depth: unscaled, the first layers' heads looked cheapest).
+which grows by orders of magnitude over SmolLM2's depth: unscaled, its first layers' heads looked cheapest).
 
 ``target_params = f`` (the fraction of parameters to keep) allocates by cost per parameter: every MLP neuron and
 every KV group gets its structured OBS cost (removed alone, the rest refitted; both in residual-stream units:
 ``neuron_costs`` on down_proj, ``head_costs`` on o_proj), relative to the layer's mean ‖residual‖², divided by
-the parameters it holds; walking up that
-ranking until the parameters to remove are reached, the KV groups met (each layer keeping one) set the heads
-amount, removed with ``kv_groups`` and ``heads_scope="global"``. The MLP neurons are then removed uniformly by the
-metric at the smallest ratio on a 1/200 grid whose model keeps at most ``f`` of the parameters (counted exactly on a
-meta-device copy). ``hidden`` and ``layers``, when given, are removed as well and count towards the budget. Needs
+the parameters it holds; walking up that ranking until the parameters to remove are reached, the KV groups met
+(each layer keeping one) set the heads amount, removed with ``kv_groups`` and ``heads_scope="global"``. The MLP
+neurons are then removed uniformly by the metric at the smallest ratio on a 1/200 grid whose model keeps at most
+``f`` of the parameters (counted exactly on a meta-device copy). ``hidden`` and ``layers``, when given, are removed as well and count towards the budget. Needs
 Gram statistics (without attention Gram statistics, or attention heads, only the MLP is cut).
 """
 
