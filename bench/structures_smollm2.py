@@ -66,8 +66,10 @@ def main() -> None:
     parser.add_argument("--eval-tokens", type=int, default=2048)
     parser.add_argument("--eval-doc-tokens", type=int, default=256)
     parser.add_argument("--keep", type=float, default=0.75, help="fraction of parameters kept")
-    parser.add_argument("--kv-groups", type=int, nargs="+", default=[10, 5],
+    parser.add_argument("--kv-groups", type=int, nargs="+", default=[10, 5, 3],
                         help="KV groups removed over all layers (--heads-scope global) in the heads rows")
+    parser.add_argument("--query-units", type=int, nargs="+", default=[5],
+                        help="units of one query head per KV group removed over all layers (--heads-scope global)")
     parser.add_argument("--plot-only", action="store_true", help="redraw the plot from the saved JSON")
     args = parser.parse_args()
     if args.plot_only:
@@ -93,6 +95,10 @@ def main() -> None:
     for g in args.kv_groups:
         plans[f"{g} KV groups (global) + MLP"] = Policy(mlp=0.0, heads=g / n_groups, kv_groups=True,
                                                        heads_scope="global")
+    for u in args.query_units:
+        per = model.config.num_attention_heads // model.config.num_key_value_heads  # a unit: one head of each group
+        plans[f"{u}×{model.config.num_key_value_heads} query heads (global) + MLP"] = Policy(
+            mlp=0.0, heads=u / (model.config.num_hidden_layers * per), heads_scope="global")
     plans.update({
         "KV groups 1/3 (every layer) + MLP": Policy(mlp=0.0, heads=1 / 3, kv_groups=True),
         "hidden 5 % + MLP": Policy(mlp=0.0, hidden=0.05),
