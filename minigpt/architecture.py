@@ -89,6 +89,12 @@ class Architecture:
     structures: tuple[str, ...] = field(default=())
 
 
+def output_projection(model, heads: Group) -> tuple[str, int]:
+    """``(weight name, dimension)`` of the attention output projection's input columns in a layer's ``heads``."""
+    return next((s.param, s.dim) for s in heads.slices
+                if s.param.endswith(".weight") and s.dim == 1 - out_dim(model.get_submodule(s.param.rpartition(".")[0])))
+
+
 def text_config(config):
     return config.get_text_config() if hasattr(config, "get_text_config") else config
 

@@ -186,15 +186,16 @@ def run_batches(model, batches, stats: CalibrationStats, backend: str = "auto", 
     stats.token_counts = stats.token_counts.to(device)
     base = model.base_model
     total = batches.max_sequences * batches.seq_len if getattr(batches, "max_sequences", None) else None
-    with patched(model, accums, backend), taps.collect(model, stats, backend) as fold, \
+    with patched(model, accums, backend), taps.collect(model, stats, backend) as taps_sums, \
             _progress(total, progress) as bar:
         for input_ids in batches:
             input_ids = input_ids.to(device)
             collect = stats.gram is not None and (gram_tokens is None or stats.gram_tokens < gram_tokens)
             for accum in accums:
                 accum.collect_gram = collect
+            taps_sums.collect_gram = collect
             calibrate_batch(base, input_ids, accums, stats, backend)
-            fold()
+            taps_sums.fold()
             stats.gram_tokens += input_ids.numel() if collect else 0
             bar.update(input_ids.numel())
             if on_batch is not None:

@@ -116,6 +116,9 @@ def build_parser() -> argparse.ArgumentParser:
                     "group (README: Structures)")
     pr.add_argument("--heads-mode", choices=("query", "kv"), default="query",
                     help="kv: remove that fraction of whole KV groups with their query heads")
+    pr.add_argument("--heads-scope", choices=("uniform", "global"), default="uniform",
+                    help="global: remove the heads (or KV groups) whose removal costs least over all layers by the "
+                    "structured OBS cost on o_proj (per-layer head counts; needs Gram statistics)")
     pr.add_argument("--hidden", type=float, default=0.0, help="fraction of hidden channels to remove")
     pr.add_argument("--layers", type=int, default=0, help="number of decoder layers to remove")
     pr.add_argument("--layer-metric", choices=("influence", "random"), default="influence",
@@ -364,7 +367,7 @@ def cmd_prune(args) -> None:
     ratio = 0.2 if args.threshold is None and args.ratio is None and not structural else args.ratio
     policy = Policy(mlp=ratio, threshold=args.threshold, scope=args.scope, multiple=args.multiple,
                     min_keep=args.min_keep, reverse=args.reverse, heads=args.heads, kv_groups=args.heads_mode == "kv",
-                    hidden=args.hidden, layers=args.layers, layer_metric=args.layer_metric,
+                    heads_scope=args.heads_scope, hidden=args.hidden, layers=args.layers, layer_metric=args.layer_metric,
                     target_params=args.target_params, seed=args.seed)
     if structural and args.threshold is None and ratio is None and args.target_params is None:
         policy = replace(policy, mlp=0.0)
@@ -471,7 +474,9 @@ def _structures_line(plan) -> str:
     """``, 6 of 9 heads, 432 hidden channels, 28 layers`` for what a plan removes besides MLP neurons."""
     parts = []
     if plan.heads is not None:
-        parts.append(f"{len(plan.heads[0])} heads per layer")
+        counts = sorted({len(h) for h in plan.heads})
+        parts.append(f"{counts[0]} heads per layer" if len(counts) == 1 else
+                     f"{sum(len(h) for h in plan.heads)} heads kept ({counts[0]}–{counts[-1]} per layer)")
     if plan.hidden is not None:
         parts.append(f"{len(plan.hidden)} hidden channels kept")
     if plan.layers is not None:

@@ -26,6 +26,7 @@ from __future__ import annotations
 import torch
 
 from minigpt import adapters
+from minigpt.architecture import describe, output_projection
 from minigpt.errors import MiniGPTError
 from minigpt.stats import CalibrationStats
 
@@ -38,8 +39,21 @@ def moments(stats: CalibrationStats, layer: int, centred: bool) -> tuple[torch.T
     if stats.gram is None or stats.gram_tokens == 0:
         raise MiniGPTError("compensation and OBS selection need Gram statistics (calibrate with Gram on: "
                            "drop --no-gram, or give --gram-tokens > 0)")
-    mu = stats.gram_sum[layer].double().cpu() / stats.gram_tokens
-    m = stats.gram[layer].double().cpu() / stats.gram_tokens
+    return _moments(stats.gram[layer], stats.gram_sum[layer], stats.gram_tokens, centred)
+
+
+def head_moments(stats: CalibrationStats, layer: int, centred: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(M, μ)`` of the input of layer ``layer``'s attention output projection: ``M: (H·d, H·d)`` (float64)."""
+    key = f"heads.{layer}.gram"
+    if stats.gram_tokens == 0 or key not in stats.sums:
+        raise MiniGPTError("attention compensation needs the Gram statistics of o_proj's input (collected with the "
+                           "MLP's since Gram statistics of attention exist: calibrate again with Gram on)")
+    return _moments(stats.sums[key], stats.sums[f"heads.{layer}.gram_sum"], stats.gram_tokens, centred)
+
+
+def _moments(gram: torch.Tensor, gram_sum: torch.Tensor, tokens: int, centred: bool):
+    mu = gram_sum.double().cpu() / tokens
+    m = gram.double().cpu() / tokens
     return (m - torch.outer(mu, mu) if centred else m), mu
 
 
@@ -141,14 +155,69 @@ def compensate_layer(model, stats: CalibrationStats, layer: int, kept: torch.Ten
     m, mu = moments(stats, layer if stats_layer is None else stats_layer, centred=slot != "none")
     if slot == "mlp_bias" and proj.bias is None:
         add_mlp_biases(model)
+    _refit_in_place(proj, dim, m, mu if slot != "none" else None, kept, method, damping)
+
+
+def _refit_in_place(proj, dim: int, m: torch.Tensor, mu: torch.Tensor | None, kept: torch.Tensor, method: str,
+                    damping: float) -> None:
+    """``refit`` the input columns ``kept`` of ``proj`` (its weight's input dimension ``dim``) in place; the other
+    columns become zero and a fitted bias (``mu`` given) is added to ``proj.bias``."""
     w = proj.weight.detach().movedim(dim, 1)  # (D, N)
-    new_k, bias = refit(w.cpu(), m, mu if slot != "none" else None, kept, method, damping)
+    new_k, bias = refit(w.cpu(), m, mu, kept, method, damping)
     full = torch.zeros_like(w, dtype=torch.float64, device="cpu")
     full[:, kept] = new_k
     with torch.no_grad():
         proj.weight.copy_(full.to(proj.weight.dtype).movedim(1, dim))
         if bias is not None:
             proj.bias += bias.to(proj.bias.dtype).to(proj.bias.device)
+
+
+def _o_proj(model, groups) -> tuple[torch.nn.Module, int]:
+    """The attention output projection of a layer (``LayerGroups``) and its weight's input (head) dimension."""
+    param, dim = output_projection(model, groups.heads)
+    return model.get_submodule(param.rpartition(".")[0]), dim
+
+
+def head_columns(heads: list[int], head_dim: int) -> torch.Tensor:
+    """The o_proj input columns of query ``heads``: ``h·d … (h+1)·d − 1`` for each, in order."""
+    return (torch.tensor(heads, dtype=torch.long)[:, None] * head_dim + torch.arange(head_dim)).reshape(-1)
+
+
+def compensate_heads(model, stats: CalibrationStats, kept_heads: list[list[int]], method: str = "lstsq",
+                     damping: float = DAMPING) -> dict:
+    """Refit every layer's attention output projection on the kept heads' columns (removed heads' columns become
+    zero), from the Gram statistics of its input (``head_moments``), with the same solver as down_proj.
+
+    The bias goes into o_proj's own bias where it has one (OPT, GPT-2, Phi); elsewhere the refit fits the
+    uncentred second moment without one (``bias`` then leaves attention as it is). Returns what was done.
+    """
+    arch = describe(model)
+    slot = "o_proj" if all(_o_proj(model, g)[0].bias is not None for g in arch.layers) else "none"
+    if method == "none" or (method == "bias" and slot == "none"):
+        return {"method": "none", "bias": "none"}
+    for layer, (groups, heads) in enumerate(zip(arch.layers, kept_heads)):
+        proj, dim = _o_proj(model, groups)
+        m, mu = head_moments(stats, layer, centred=slot != "none")
+        _refit_in_place(proj, dim, m, mu if slot != "none" else None, head_columns(heads, groups.head_dim),
+                        method, damping)
+    return {"method": method, "damping": damping if method == "lstsq" else None, "bias": slot}
+
+
+def head_costs(model, stats: CalibrationStats, layer: int, units: list[list[int]],
+               damping: float = DAMPING) -> torch.Tensor:
+    """(len(units),) float64: the structured OBS cost of removing each unit (a set of query heads) of layer
+    ``layer`` alone and refitting the rest, ``tr(W_S [H⁻¹]_SS⁻¹ W_Sᵀ)`` on o_proj's weight ``W`` and the damped
+    second moment ``H`` of its input: the increase of E‖o_proj output error‖² (residual-stream units)."""
+    groups = describe(model).layers[layer]
+    proj, dim = _o_proj(model, groups)
+    w = proj.weight.detach().movedim(dim, 1).double().cpu()
+    hinv = torch.cholesky_inverse(torch.linalg.cholesky(_damped(head_moments(stats, layer, False)[0], damping)))
+    out = []
+    for unit in units:
+        cols = head_columns(unit, groups.head_dim)
+        w_s = w[:, cols]
+        out.append(torch.trace(w_s @ torch.linalg.solve(hinv[cols][:, cols], w_s.T)))
+    return torch.stack(out)
 
 
 def compensate(model, stats: CalibrationStats, kept: list[torch.Tensor], method: str = "lstsq",
@@ -161,6 +230,16 @@ def compensate(model, stats: CalibrationStats, kept: list[torch.Tensor], method:
         compensate_layer(model, stats, layer, keep, method, damping)
     return {"method": method, "damping": damping if method == "lstsq" else None, "bias": slot,
             "gram_tokens": stats.gram_tokens if stats is not None else 0}
+
+
+def neuron_costs(model, stats: CalibrationStats, layer: int, damping: float = DAMPING) -> torch.Tensor:
+    """(N,) float64: the structured OBS cost of removing each MLP neuron of layer ``layer`` alone and refitting the
+    rest, ``‖W[:, j]‖² / [H⁻¹]_jj`` on down_proj's weight (``obs_keep``'s first step; residual-stream units)."""
+    proj, dim = _down(adapters.mlps(model)[layer], adapters.get_layout(model))
+    w = proj.weight.detach().movedim(dim, 1).double().cpu()
+    m, _ = moments(stats, layer, bias_slot(model) != "none")
+    hinv = torch.cholesky_inverse(torch.linalg.cholesky(_damped(m, damping)))
+    return (w * w).sum(0) / hinv.diagonal()
 
 
 def obs_kept(model, stats: CalibrationStats, counts: list[int], damping: float = DAMPING,

@@ -5,7 +5,7 @@ from __future__ import annotations
 from minigpt import importance
 from minigpt.calibration import calibrate
 from minigpt.compact import compact
-from minigpt.compensate import DAMPING, mark_mlp_bias, obs_kept
+from minigpt.compensate import DAMPING, compensate_heads, mark_mlp_bias, obs_kept
 from minigpt.compensate import compensate as compensate_model
 from minigpt.errors import MiniGPTError
 from minigpt.importance import NEEDS_STATS
@@ -81,12 +81,15 @@ def prune(
         if policy is not None and policy.structural:
             kept = structure_plan(stats, model, policy)
             pruning_plan.heads, pruning_plan.hidden, pruning_plan.layers = kept.heads, kept.hidden, kept.layers
-            pruning_plan.policy.update(heads=policy.heads, kv_groups=policy.kv_groups, hidden=policy.hidden,
+            pruning_plan.policy.update(heads=policy.heads, kv_groups=policy.kv_groups, heads_scope=policy.heads_scope,
+                                       hidden=policy.hidden,
                                        layers=policy.layers, layer_metric=policy.layer_metric)
     elif select != "metric":
         raise MiniGPTError("a given plan already selects the neurons: --select applies only when planning")
     report = compensate_model(model, stats, pruning_plan.kept_tensors(), "none" if keeps_all else compensate,
                               damping)
+    if pruning_plan.heads is not None:
+        report["attention"] = compensate_heads(model, stats, pruning_plan.heads, compensate, damping)
     pruning_plan.policy["compensate"] = report
     model = compact(model, pruning_plan, backend=backend)
     mark_mlp_bias(model, report)

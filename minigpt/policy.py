@@ -10,10 +10,21 @@ Scores (from ``CalibrationStats.sums``, ``minigpt.taps``), lowest removed first:
 * layer l: Block Influence, mean over tokens of 1 − cos(residual before, after); ``layer_metric="random"``
   removes seeded random layers instead (the baseline).
 
-``target_params = f`` (the fraction of parameters to keep) allocates by one rule: the same fraction ``r`` of MLP
-neurons and of query heads (inside KV groups) is removed, ``r`` the smallest on a 1/200 grid whose model keeps at
-most ``f`` of the parameters (counted exactly on a meta-device copy); ``hidden`` and ``layers``, when given,
-are removed as well and count towards the budget.
+``heads_scope = "global"`` removes ``round(r·U)`` of all ``U`` units (KV groups with ``kv_groups``, otherwise one
+query head of every KV group of a layer) where removing them costs least over all layers, each layer keeping one:
+the unit's structured OBS cost on the attention output projection (the increase of E‖o_proj output error‖² when
+it goes and the rest is refitted, ``minigpt.compensate.head_costs``), from the Gram statistics of o_proj's input,
+divided by the mean ‖residual‖² entering the layer (the norms downstream see the error relative to the residual,
+which grows by orders of magnitude over SmolLM2's depth: unscaled, its first layers' heads looked cheapest).
+
+``target_params = f`` (the fraction of parameters to keep) allocates by cost per parameter: every MLP neuron and
+every KV group gets its structured OBS cost (removed alone, the rest refitted; both in residual-stream units:
+``neuron_costs`` on down_proj, ``head_costs`` on o_proj), relative to the layer's mean ‖residual‖², divided by
+the parameters it holds; walking up that ranking until the parameters to remove are reached, the KV groups met
+(each layer keeping one) set the heads amount, removed with ``kv_groups`` and ``heads_scope="global"``. The MLP
+neurons are then removed uniformly by the metric at the smallest ratio on a 1/200 grid whose model keeps at most
+``f`` of the parameters (counted exactly on a meta-device copy). ``hidden`` and ``layers``, when given, are removed as well and count towards the budget. Needs
+Gram statistics (without attention Gram statistics, or attention heads, only the MLP is cut).
 """
 
 from __future__ import annotations
@@ -42,6 +53,7 @@ class Policy:
     reverse: bool = False
     heads: float = 0.0
     kv_groups: bool = False
+    heads_scope: str = "uniform"
     hidden: float = 0.0
     layers: int = 0
     layer_metric: str = "influence"
@@ -62,6 +74,8 @@ class Policy:
                                f"got {self.target_params}")
         if self.target_params is not None and (self.mlp is not None or self.threshold is not None or self.heads):
             raise MiniGPTError("--target-params chooses the MLP and head amounts itself: drop --mlp/--ratio/--heads")
+        if self.heads_scope not in ("uniform", "global"):
+            raise MiniGPTError(f"--heads-scope must be uniform or global, got {self.heads_scope!r}")
         if self.layer_metric not in ("influence", "random"):
             raise MiniGPTError(f"layer metric must be influence or random, got {self.layer_metric!r}")
 
@@ -105,6 +119,65 @@ def _lowest(score: torch.Tensor, n: int) -> set[int]:
     return set(torch.sort(score, stable=True).indices[:n].tolist())
 
 
+def head_units(arch, layer: int, kv_groups: bool, score: torch.Tensor) -> list[list[int]]:
+    """Layer ``layer``'s removable units, cheapest first by the per-head ``score: (H,)``: whole KV groups (their
+    query heads), or one query head of every KV group (the k-th cheapest of each, so H' stays a multiple of K)."""
+    groups = arch.layers[layer]
+    per = groups.queries_per_kv
+    by_group = score.view(groups.kv.size, per)
+    if kv_groups:
+        order = torch.sort(by_group.sum(1), stable=True).indices.tolist()
+        return [list(range(g * per, (g + 1) * per)) for g in order]
+    ranks = torch.sort(by_group, dim=1, stable=True).indices  # (K, G)
+    return [[g * per + int(ranks[g, k]) for g in range(groups.kv.size)] for k in range(per)]
+
+
+def residual_scale(stats) -> torch.Tensor:
+    """(L,) float64 mean ‖residual entering block l‖² (``layers.residual_sq``): the global rankings divide a
+    layer's output-error costs by it, since the norms after it see the error relative to the residual."""
+    if "layers.residual_sq" not in stats.sums:
+        raise MiniGPTError("the statistics have no layers.residual_sq sums (collected before global head ranking "
+                           "existed): calibrate again")
+    return _mean(stats, "layers.residual_sq")
+
+
+def kept_heads_global(model, stats, ratio: float, kv_groups: bool) -> list[list[int]]:
+    """Per layer, the query heads kept when ``round(ratio · units)`` units (``head_units``) are removed where
+    removing them costs least over all layers: each unit's structured OBS cost on the attention output
+    projection (``minigpt.compensate.head_costs``: a KV group's joint cost; a unit of query heads, the sum of
+    theirs) relative to the layer's residual (``residual_scale``), every layer keeping at least one unit."""
+    from minigpt.compensate import head_costs
+
+    arch = describe(model)
+    scale = residual_scale(stats)
+    units, costs = [], []
+    for layer, groups in enumerate(arch.layers):
+        per, n_kv = groups.queries_per_kv, groups.kv.size
+        both = head_costs(model, stats, layer, [[h] for h in range(groups.heads.size)] +
+                          ([list(range(g * per, (g + 1) * per)) for g in range(n_kv)] if kv_groups else []))
+        single = both[: groups.heads.size]
+        units.append(head_units(arch, layer, kv_groups, single))
+        if kv_groups:  # a KV group's own joint cost
+            costs.append(both[groups.heads.size:][[u[0] // per for u in units[-1]]] / scale[layer])
+        else:  # one query head of every KV group: the sum of their costs
+            costs.append(torch.stack([single[u].sum() for u in units[-1]]) / scale[layer])
+    total = sum(len(u) for u in units)
+    n = round(ratio * total)
+    if n > total - len(units):
+        raise MiniGPTError(f"--heads {ratio} with --heads-scope global would remove every head of some layer")
+    removed = [0] * len(units)
+    items = sorted((float(c), layer, k) for layer, cs in enumerate(costs) for k, c in enumerate(cs))
+    for _, layer, _ in items:  # a layer's costs are not always increasing: it loses its cheapest units first
+        if n == 0:
+            break
+        if removed[layer] < len(units[layer]) - 1:
+            removed[layer] += 1
+            n -= 1
+    costs_order = [torch.sort(c, stable=True).indices.tolist() for c in costs]
+    return [sorted(set(range(groups.heads.size)) - {h for k in order[:r] for h in us[k]})
+            for groups, us, order, r in zip(arch.layers, units, costs_order, removed)]
+
+
 def kept_heads(stats, arch, ratio: float, kv_groups: bool) -> list[list[int]]:
     """Per layer, the query heads kept (see module doc)."""
     out = []
@@ -146,7 +219,10 @@ def kept_layers(stats, n_layers: int, remove: int, metric: str, seed: int) -> li
 def structure_plan(stats, model, policy: Policy) -> surgery.Kept:
     """What ``policy`` keeps of heads, hidden channels and layers (MLP neurons are ``minigpt.plan``'s)."""
     arch = describe(model)
-    heads = kept_heads(stats, arch, policy.heads, policy.kv_groups) if policy.heads else None
+    if policy.heads and policy.heads_scope == "global":
+        heads = kept_heads_global(model, stats, policy.heads, policy.kv_groups)
+    else:
+        heads = kept_heads(stats, arch, policy.heads, policy.kv_groups) if policy.heads else None
     hidden = kept_hidden(stats, arch, policy.hidden, heads, policy.multiple) if policy.hidden else None
     layers = kept_layers(stats, len(arch.layers), policy.layers, policy.layer_metric, policy.seed) \
         if policy.layers else None
@@ -163,29 +239,74 @@ def count_after(model, kept: surgery.Kept) -> int:
     return sum(p.numel() for p in shadow.parameters())
 
 
-def params_after(stats, model, policy: Policy, mlp_scores: list[torch.Tensor]) -> int:
-    """Parameters ``model`` keeps under ``policy`` (its ``mlp`` a ratio applied to every layer by ``mlp_scores``)."""
-    kept = structure_plan(stats, model, policy)
+def params_after(stats, model, policy: Policy, mlp_scores: list[torch.Tensor],
+                 structures: surgery.Kept | None = None) -> int:
+    """Parameters ``model`` keeps under ``policy`` (its ``mlp`` a ratio applied to every layer by ``mlp_scores``);
+    ``structures``: ``structure_plan(stats, model, policy)`` when already made (searches over the MLP ratio)."""
+    kept = copy.copy(structures) if structures is not None else structure_plan(stats, model, policy)
     r = policy.mlp or 0.0
     kept.mlp = [sorted(set(range(len(s))) - _lowest(s, min(round(r * len(s)), len(s) - 1))) for s in mlp_scores]
     return count_after(model, kept)
 
 
+def item_params(model, group) -> int:
+    """Parameters one item of ``group`` (a ``Group`` of the description) holds over all its slices."""
+    total = 0
+    for sl in group.slices:
+        p = model.get_parameter(sl.param)
+        total += sl.unit * p.numel() // p.shape[sl.dim]
+    return total
+
+
+def heads_share(stats, model, remove: float) -> float:
+    """The fraction of KV groups the ``target_params`` rule removes (module doc): the KV groups among the units
+    of lowest cost per parameter, walking up until ``remove`` parameters are reached."""
+    from minigpt.compensate import head_costs, neuron_costs
+
+    arch = describe(model)
+    scale = residual_scale(stats)
+    per_layer = [item_params(model, g.kv) + g.queries_per_kv * item_params(model, g.heads) for g in arch.layers]
+    items = []  # (cost per parameter, parameters, layer or None for an MLP neuron)
+    for layer, groups in enumerate(arch.layers):
+        per, n_kv = groups.queries_per_kv, groups.kv.size
+        neuron = item_params(model, groups.mlp)
+        items += [(float(c / scale[layer]) / neuron, neuron, None) for c in neuron_costs(model, stats, layer)]
+        costs = head_costs(model, stats, layer, [list(range(g * per, (g + 1) * per)) for g in range(n_kv)])
+        items += [(float(c / scale[layer]) / per_layer[layer], per_layer[layer], layer) for c in costs]
+    removed, groups_removed = 0, [0] * len(arch.layers)
+    for _, params, layer in sorted(items, key=lambda item: item[0]):
+        if removed >= remove:
+            break
+        if layer is not None:
+            if groups_removed[layer] == arch.layers[layer].kv.size - 1:
+                continue
+            groups_removed[layer] += 1
+        removed += params
+    return sum(groups_removed) / sum(g.kv.size for g in arch.layers)
+
+
 def allocate(stats, model, policy: Policy, mlp_scores: list[torch.Tensor]) -> Policy:
     """The policy with ``mlp`` and ``heads`` chosen by the ``target_params`` rule (module doc)."""
     budget = policy.target_params * sum(p.numel() for p in model.parameters())
-    has_heads = describe(model).layers[0].heads is not None
+    base = replace(policy, target_params=None, mlp=0.0)
+    if describe(model).layers[0].heads is not None and "heads.0.gram" in stats.sums:
+        heads = heads_share(stats, model, params_after(stats, model, base, mlp_scores) - budget)
+        base = replace(base, heads=heads, kv_groups=True, heads_scope="global") if heads else base
 
     def trial(step: int) -> Policy:
-        return replace(policy, target_params=None, mlp=step / 200, heads=step / 200 if has_heads else 0.0)
+        return replace(base, mlp=step / 200)
 
+    def count(step: int) -> int:
+        return params_after(stats, model, trial(step), mlp_scores, structures)
+
+    structures = structure_plan(stats, model, base)
     lo, hi = 0, 199  # grid steps of 1/200
-    if params_after(stats, model, trial(hi), mlp_scores) > budget:
+    if count(hi) > budget:
         raise MiniGPTError(f"--target-params {policy.target_params} cannot be reached by removing MLP neurons "
                            f"and heads (add --hidden or --layers)")
     while lo < hi:
         mid = (lo + hi) // 2
-        if params_after(stats, model, trial(mid), mlp_scores) <= budget:
+        if count(mid) <= budget:
             hi = mid
         else:
             lo = mid + 1

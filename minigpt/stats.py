@@ -67,7 +67,8 @@ class CalibrationStats:
     tokens: int
     fingerprint: dict
     meta: dict = field(default_factory=dict)
-    sums: dict[str, torch.Tensor] = field(default_factory=dict)  # float64 sums of other structures (minigpt.taps)
+    sums: dict[str, torch.Tensor] = field(default_factory=dict)  # float64 sums of other structures (minigpt.taps),
+    # with the attention output projections' Gram statistics over the same ``gram_tokens`` when ``gram`` is set
     gram: list[torch.Tensor] | None = None
     gram_sum: list[torch.Tensor] | None = None
     gram_tokens: int = 0
@@ -175,8 +176,9 @@ class CalibrationStats:
                 if not bool(torch.isfinite(t).all()) or bool((t < 0).any()):
                     return f"{name} of layer {layer} holds negative or non-finite values"
         for name, t in self.sums.items():
-            if t.dtype != torch.float64 or not bool(torch.isfinite(t).all()) or bool((t < 0).any()):
-                return f"sums.{name} is not a float64 sum of non-negative finite values"
+            signed = t.diagonal() if name.endswith(".gram") else t[:0] if name.endswith(".gram_sum") else t
+            if t.dtype != torch.float64 or not bool(torch.isfinite(t).all()) or bool((signed < 0).any()):
+                return f"sums.{name} is not a float64 sum of non-negative finite values (Gram: its diagonal)"
         for layer, t in enumerate(self.nonzero):
             if bool((t < 0).any()) or bool((t > self.tokens).any()):
                 return f"nonzero counts of layer {layer} are outside [0, {self.tokens}]"

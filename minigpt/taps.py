@@ -7,7 +7,13 @@ Sums only (so merging, resuming and torchrun add them like the MLP sums), in ``C
 * ``hidden.sum_abs`` / ``hidden.sum_sq``: (D,) Σ|x_c| and Σx_c² of the normalised input of every attention and
   MLP (the input of its first colwise projection), summed over layers (Minitron's channel importance);
 * ``layers.influence``: (L,) Σ over tokens of 1 − cos(residual before block l, residual after it): divided by
-  the tokens seen, ShortGPT's Block Influence.
+  the tokens seen, ShortGPT's Block Influence;
+* ``layers.residual_sq``: (L,) Σ over tokens of ‖residual entering block l‖²: the scale the global head ranking
+  and the ``target_params`` rule measure a layer's output error against;
+* ``heads.{l}.gram`` / ``heads.{l}.gram_sum``: (H_l·d, H_l·d) Σ o oᵀ and (H_l·d,) Σ o of the whole input ``o``
+  of layer l's output projection, over the batches the MLP Gram statistics take (``gram_tokens``), only when
+  those are collected: what the attention refit (``minigpt.compensate.compensate_heads``) and the head OBS
+  costs read.
 """
 
 from __future__ import annotations
@@ -17,7 +23,7 @@ import contextlib
 import torch
 
 from minigpt import ops
-from minigpt.architecture import describe
+from minigpt.architecture import describe, output_projection
 
 
 class _Sums:
@@ -25,6 +31,17 @@ class _Sums:
 
     def __init__(self, stats, backend: str):
         self.stats, self.backend, self.scratch = stats, backend, {}
+        self.collect_gram = False  # set per batch by the caller (whole batches go into the Gram sums)
+
+    def gram(self, name: str, x: torch.Tensor) -> None:
+        """Add ``Σ x xᵀ`` and ``Σ x`` of ``x: (T, N)`` into ``{name}.gram`` / ``{name}.gram_sum`` (fp32 scratch)."""
+        if not self.collect_gram:
+            return
+        x = x.float()
+        g = self.scratch.get(f"{name}.gram") or self.scratch.setdefault(f"{name}.gram", (
+            torch.zeros(x.shape[1], x.shape[1], device=x.device), None))
+        g[0].addmm_(x.T, x)
+        self.add(f"{name}.gram_sum", slice(None), x.shape[1], x.sum(0))
 
     def columns(self, name: str, x: torch.Tensor) -> None:
         """Column statistics of ``x: (T, N)`` into the scratch of ``name``."""
@@ -58,7 +75,8 @@ def _hidden_states(args, kwargs):
 @contextlib.contextmanager
 def collect(model, stats, backend: str):
     """Hooks adding head, hidden-channel and layer statistics of every forward into ``stats.sums``; yields the
-    ``fold`` to call after each batch."""
+    ``_Sums`` whose ``fold`` to call after each batch (``collect_gram``: whether this batch adds to the Gram sums;
+    never set when ``stats`` holds no Gram statistics)."""
     arch = describe(model)
     sums = _Sums(stats, backend)
     handles = []
@@ -66,14 +84,14 @@ def collect(model, stats, backend: str):
     n_layers = len(blocks)
     for layer, (groups, block) in enumerate(zip(arch.layers, blocks)):
         if groups.heads is not None:
-            o_param = next(s.param for s in groups.heads.slices
-                           if s.param.endswith(".weight") and s.dim == _in_dim(model, s.param))
+            o_param = output_projection(model, groups.heads)[0]
             o_proj = model.get_submodule(o_param.rpartition(".")[0])
             heads, d = groups.heads.size, groups.head_dim
 
             def head_norms(module, args, name=f"heads.{layer}.x", heads=heads, d=d):
-                x = args[0].detach()
+                x = args[0].detach().reshape(-1, heads * d)
                 sums.columns(name, x.reshape(-1, heads, d).float().norm(dim=-1))
+                sums.gram(name.rpartition(".")[0], x)
 
             handles.append(o_proj.register_forward_pre_hook(head_norms))
         if arch.hidden is not None:
@@ -92,10 +110,11 @@ def collect(model, stats, backend: str):
             after = (output[0] if isinstance(output, tuple) else output).detach().float()
             cos = torch.nn.functional.cosine_similarity(before, after, dim=-1)
             sums.add("layers.influence", layer, n_layers, (1 - cos).sum())
+            sums.add("layers.residual_sq", layer, n_layers, before.pow(2).sum())
 
         handles.append(block.register_forward_hook(influence, with_kwargs=True))
     try:
-        yield sums.fold
+        yield sums
     finally:
         for handle in handles:
             handle.remove()

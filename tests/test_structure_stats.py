@@ -53,7 +53,7 @@ def test_two_halves_merged_equal_one_pass():
     model = tiny("qwen3")
     whole = collect(model, BATCHES)
     merged = collect(model, BATCHES[:2]).merge(collect(model, BATCHES[2:]))
-    assert set(whole.sums) == set(merged.sums) and len(whole.sums) == 3 * 2 + 3
+    assert set(whole.sums) == set(merged.sums) and len(whole.sums) == 3 * 2 + 4
     for key, value in whole.sums.items():
         torch.testing.assert_close(merged.sums[key], value, rtol=1e-10, atol=1e-9)
 

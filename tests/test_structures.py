@@ -193,19 +193,24 @@ def test_cli_prunes_every_structure_and_records_kept_indices(corpus_dir, tiny_to
 
 
 def test_target_params_allocation_reaches_the_budget(corpus_dir, tiny_tokenizer):
+    from dataclasses import replace
+
+    from minigpt import importance
+
     model = tiny("qwen2")
     total = sum(p.numel() for p in model.parameters())
     stats = minigpt.calibrate(model, tiny_tokenizer, [str(corpus_dir)], max_tokens=256, seq_len=32, progress=False)
     policy = minigpt.Policy(target_params=0.8)
+    chosen = minigpt.policy.allocate(stats, model, policy, importance.scores("l1", stats=stats))
+    assert chosen.target_params is None and (not chosen.heads or (chosen.kv_groups and chosen.heads_scope == "global"))
     model, plan = minigpt.prune(model, tiny_tokenizer, stats=stats, policy=policy)
     after = sum(p.numel() for p in model.parameters())
     assert after <= 0.8 * total
     r = plan.policy["ratio"]
-    looser = minigpt.policy.count_after(tiny("qwen2"), surgery.Kept(
-        mlp=[list(range(WIDTH - round((r - 0.005) * WIDTH)))] * LAYERS,
-        heads=[[0, 2]] * LAYERS if round((r - 0.005) * 2) else None))
+    assert r == chosen.mlp and plan.policy.get("heads", 0.0) == chosen.heads
+    looser = minigpt.policy.params_after(stats, tiny("qwen2"), replace(chosen, mlp=r - 0.005),
+                                         importance.scores("l1", stats=stats))
     assert looser > 0.8 * total  # the next smaller amount on the grid misses the budget
-    assert plan.heads is not None and plan.policy["heads"] == r
 
 
 def test_policy_refuses_structures_the_description_lacks():
