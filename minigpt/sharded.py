@@ -18,13 +18,15 @@ import math
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
 
 from minigpt import adapters, surgery
-from minigpt.architecture import find_blocks
-from minigpt.compensate import DAMPING, add_mlp_biases, bias_slot, mark_mlp_bias, moments, refit
+from minigpt.architecture import describe, find_blocks, output_projection
+from minigpt.compensate import (DAMPING, add_mlp_biases, bias_slot, head_columns, head_moments, mark_mlp_bias, moments,
+                                refit)
 from minigpt.errors import MiniGPTError
 from minigpt.trust import needs_remote_code
 
@@ -162,14 +164,17 @@ def layer_renames(model, kept_layers: list[int] | None) -> Callable[[str], str |
 
 
 class Refit:
-    """Out-of-core compensation: each layer's output projection (down_proj) refitted on its kept neurons when first
-    read, as ``minigpt.compensate.compensate_layer`` does in memory before compaction (then the same cuts apply).
+    """Out-of-core compensation: each layer's output projections refitted on what they keep when first read, as
+    in memory before compaction (then the same cuts apply): down_proj on the kept neurons
+    (``minigpt.compensate.compensate_layer``) and, when ``heads`` are given, o_proj on the kept heads' columns
+    (``minigpt.compensate.compensate_heads``).
 
     ``source(name, t)`` gives a stored tensor's value before its cut; ``added`` the bias tensors compensation
     creates (the ``mlp_bias`` slot: zero gate/up biases and the fitted down bias), each placed after its weight.
     """
 
-    def __init__(self, model, stats, kept: list[torch.Tensor], method: str, damping: float, read: Callable):
+    def __init__(self, model, stats, kept: list[torch.Tensor], method: str, damping: float, read: Callable,
+                 heads: list[list[int]] | None = None):
         self.slot = bias_slot(model)
         if method == "bias" and self.slot == "none":
             raise MiniGPTError(f"--compensate bias: {model.config.model_type} has no MLP output bias to hold it "
@@ -177,45 +182,58 @@ class Refit:
         moments(stats, 0, centred=False)  # refuses statistics without Gram matrices, before any read
         layout = adapters.get_layout(model)
         names = {module: name for name, module in model.named_modules()}
-        self.stats, self.kept, self.method, self.damping, self.read = stats, kept, method, damping, read
-        self.dim = adapters.neuron_dim(layout, "cols")
-        self.down = {}  # down_proj weight name → layer
-        self.added = {}  # weight name → (its new bias's name, layer, width: None for down_proj's fitted bias)
+        self.stats, self.method, self.damping, self.read = stats, method, damping, read
+        # weight name → (moments of its input, input dimension, kept input columns, bias slot)
+        self.targets: dict[str, tuple[Callable, int, torch.Tensor, str]] = {}
+        self.added = {}  # weight name → (its new bias's name, the down_proj it belongs to, width: None if fitted)
+        dim = adapters.neuron_dim(layout, "cols")
         for layer, mlp in enumerate(adapters.mlps(model)):
-            self.down[f"{names[getattr(mlp, layout.cols[0])]}.weight"] = layer
+            down = f"{names[getattr(mlp, layout.cols[0])]}.weight"
+            self.targets[down] = partial(moments, stats, layer), dim, kept[layer], self.slot
             for proj in (*layout.rows, *layout.cols) if self.slot == "mlp_bias" else ():
                 module = getattr(mlp, proj)
                 width = None if proj in layout.cols else module.weight.shape[0]
-                self.added[f"{names[module]}.weight"] = (f"{names[module]}.bias", layer, width)
-        self._cache: tuple[int, tuple] | None = None
+                self.added[f"{names[module]}.weight"] = (f"{names[module]}.bias", down, width)
+        self.attention = {"method": "none", "bias": "none"}
+        if heads is not None:
+            layers = describe(model).layers
+            o_projs = [output_projection(model, groups.heads) for groups in layers]
+            slot = "o_proj" if all(model.get_submodule(p.rpartition(".")[0]).bias is not None for p, _ in o_projs) \
+                else "none"
+            if not (method == "bias" and slot == "none"):
+                head_moments(stats, 0, centred=False)  # refuses statistics without attention Gram matrices
+                self.attention = {"method": method, "damping": damping if method == "lstsq" else None, "bias": slot}
+                for layer, ((param, pdim), groups) in enumerate(zip(o_projs, layers)):
+                    columns = head_columns(heads[layer], groups.head_dim)
+                    self.targets[param] = partial(head_moments, stats, layer), pdim, columns, slot
+        self._cache: tuple[str, tuple] | None = None
 
-    def refitted(self, layer: int) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """``(weight, bias to add)`` of layer ``layer``'s down_proj in its stored layout and dtype."""
-        if self._cache is None or self._cache[0] != layer:
-            name = next(n for n, i in self.down.items() if i == layer)
+    def refitted(self, name: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``(weight, bias to add)`` of the output projection ``name`` in its stored layout and dtype."""
+        if self._cache is None or self._cache[0] != name:
+            fit_moments, dim, keep, slot = self.targets[name]
             t = self.read(name)
-            m, mu = moments(self.stats, layer, centred=self.slot != "none")
-            new_k, bias = refit(t.movedim(self.dim, 1), m, mu if self.slot != "none" else None,
-                                           self.kept[layer], self.method, self.damping)
-            full = torch.zeros(new_k.shape[0], t.shape[self.dim], dtype=torch.float64)
-            full[:, self.kept[layer]] = new_k
-            self._cache = layer, (full.to(t.dtype).movedim(1, self.dim),
-                                  None if bias is None else bias.to(t.dtype))
+            m, mu = fit_moments(centred=slot != "none")
+            new_k, bias = refit(t.movedim(dim, 1), m, mu if slot != "none" else None, keep, self.method,
+                                self.damping)
+            full = torch.zeros(new_k.shape[0], t.shape[dim], dtype=torch.float64)
+            full[:, keep] = new_k
+            self._cache = name, (full.to(t.dtype).movedim(1, dim), None if bias is None else bias.to(t.dtype))
         return self._cache[1]
 
     def source(self, name: str, t: torch.Tensor) -> torch.Tensor:
         """The value of stored tensor ``name`` (``t``) after compensation, before its cut."""
-        if name in self.down:
-            return self.refitted(self.down[name])[0]
-        if self.slot == "down" and name.removesuffix(".bias") + ".weight" in self.down:
-            bias = self.refitted(self.down[name.removesuffix(".bias") + ".weight"])[1]
-            return t + bias
+        if name in self.targets:
+            return self.refitted(name)[0]
+        weight = name.removesuffix(".bias") + ".weight"
+        if name.endswith(".bias") and weight in self.targets and self.targets[weight][3] != "none":
+            return t + self.refitted(weight)[1]
         return t
 
     def new(self, bias: tuple, dtype: torch.dtype) -> torch.Tensor:
-        """An added bias ``(name, layer, width)``: zeros of ``width`` (gate/up), or the fitted down bias (None)."""
-        _, layer, width = bias
-        return self.refitted(layer)[1] if width is None else torch.zeros(width, dtype=dtype)
+        """An added bias ``(name, down_proj, width)``: zeros of ``width`` (gate/up), or the fitted down bias."""
+        _, down, width = bias
+        return self.refitted(down)[1] if width is None else torch.zeros(width, dtype=dtype)
 
 
 def prune_checkpoint(src: str | os.PathLike, out: str | os.PathLike, *, stats=None, pruning_plan=None,
@@ -227,7 +245,8 @@ def prune_checkpoint(src: str | os.PathLike, out: str | os.PathLike, *, stats=No
     structure: MLP neurons, heads, hidden channels, layers; ``target_params``). The plan is made and applied on
     the meta-device model, its per-parameter ``surgery.cuts`` then applied to each stored tensor, removed blocks'
     tensors left out and the rest renumbered: the tensors of in-memory pruning. ``compensate`` (bias, lstsq) refits
-    each down_proj from ``stats``' Gram matrices as it is read (``Refit``) when the plan removes MLP neurons. Every
+    each down_proj (and o_proj where heads go) from ``stats``' Gram matrices as it is read (``Refit``) when the plan
+    removes MLP neurons. Every
     shard is checked before anything is written; returns ``(out, plan, report)``, the report holding the weight
     bytes before and after.
     """
@@ -261,9 +280,12 @@ def prune_checkpoint(src: str | os.PathLike, out: str | os.PathLike, *, stats=No
         raise MiniGPTError(f"checkpoint {src} lacks the pruned weights {', '.join(missing[:3])}...")
     refitter = None
     if compensate != "none" and kept.mlp is not None:
-        refitter = Refit(unpruned, stats, plan.kept_tensors(), compensate, damping, lambda name: read_stored(name))
+        refitter = Refit(unpruned, stats, plan.kept_tensors(), compensate, damping, lambda name: read_stored(name),
+                         heads=kept.heads)
         plan.policy["compensate"] = {"method": compensate, "damping": damping if compensate == "lstsq" else None,
                                      "bias": refitter.slot, "gram_tokens": stats.gram_tokens}
+        if kept.heads is not None:
+            plan.policy["compensate"]["attention"] = refitter.attention
         if refitter.slot == "mlp_bias":
             add_mlp_biases(model)  # the pruned (meta) model's shapes: what the saved config describes
             mark_mlp_bias(model, plan.policy["compensate"])

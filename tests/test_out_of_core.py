@@ -164,11 +164,13 @@ def test_out_of_core_cli_structures_from_statistics(corpus_dir, tiny_tokenizer, 
      "mlp_bias"),  # biases added to gate/up/down, every structure cut
     ("llama", ["--threshold", "0.3", "--compensate", "lstsq"], "mlp_bias"),  # per-layer widths: the modeling file
     ("opt", ["--ratio", "0.25", "--compensate", "bias"], "down"),  # fc2's own bias
-    ("gpt2", ["--ratio", "0.25", "--hidden", "0.25", "--compensate", "lstsq"], "down"),  # Conv1D
+    ("gpt2", ["--ratio", "0.25", "--hidden", "0.25", "--heads", "0.5", "--compensate", "lstsq"], "down"),  # Conv1D,
+    # o_proj's own bias
     ("qwen2", ["--ratio", "0.25", "--compensate", "lstsq"], "none")])  # no place for a bias
 def test_out_of_core_compensation_equals_in_memory(model_type, policy, slot, corpus_dir, tiny_tokenizer, tmp_path,
                                                    capsys):
-    """Each down_proj refitted from the Gram statistics as it is read: the in-memory tensors, biases included."""
+    """Each down_proj (and o_proj where heads go) refitted from the Gram statistics as it is read: the in-memory
+    tensors, biases included."""
     from test_structures import tiny
 
     src = tmp_path / "src"
