@@ -7,7 +7,7 @@ random-initialised Llama shapes), repetitions interleaved (the method order rota
 
 * ``bare``: ``model.base_model(input_ids, use_cache=False)`` under inference_mode, no statistics
   (the call calibration makes; the limit).
-* ``minigpt <backend>``: ``minigpt.calibration.run_batches`` (``auto`` first: cpp on CPU, triton on CUDA).
+* ``minigpt <backend>``: ``minigpt.pipeline.calibration.run_batches`` (``auto`` first: cpp on CPU, triton on CUDA).
 * ``minigpt <auto backend> + Gram``: the same with the Gram statistics of every down_proj input (one ``addmm``
   per layer per batch into an fp32 ``(N, N)`` accumulator).
 * ``hooks (peers)``: a forward pre-hook on each down projection adding ``x.float().abs().sum(0)`` into an
@@ -37,9 +37,10 @@ import torch
 from torch import nn
 
 from bench.plotting import bar_chart
-from minigpt import adapters, ops
-from minigpt.calibration import run_batches
-from minigpt.stats import CalibrationStats, fingerprint
+from minigpt import ops
+from minigpt.models import adapters
+from minigpt.pipeline.calibration import run_batches
+from minigpt.pipeline.stats import CalibrationStats, fingerprint
 
 RESULTS = Path(__file__).resolve().parent / "results"
 LLAMA_SHAPES = {  # random-initialised configs: (hidden, layers, MLP width, heads, kv heads, vocab)
@@ -53,8 +54,8 @@ DEFAULTS = {"cpu": {"model": "smollm2", "batches": 4, "batch_size": 1, "seq_len"
 def load(name: str, device: str, args) -> tuple[nn.Module, list[torch.Tensor]]:
     """The model (eval, on ``device``) and its ``args.batches`` input-id batches of ``(batch_size, seq_len)``."""
     if name == "smollm2":
-        from minigpt.data import Batches, resolve_files
         from minigpt.io import load_model
+        from minigpt.pipeline.data import Batches, resolve_files
 
         model, tokenizer = load_model(device=device)
         batches = list(Batches(tokenizer, resolve_files("stdlib"), seq_len=args.seq_len, batch_size=args.batch_size,

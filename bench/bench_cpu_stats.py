@@ -7,7 +7,7 @@ SmolLM2-135M):
 
 * ``eager act(gate)*up``: the model's own activation, ``F.silu(gate) * up`` etc. (no statistics): the floor;
 * ``cpp act_stats``: the fused C++ op (the same product plus Σ|h|, Σh², max|h| and the active count);
-* ``torch reference``: ``minigpt.reference`` (the op's definition, in plain PyTorch; fp32 SiLU only, it is slow).
+* ``torch reference``: ``minigpt.ops.reference`` (the op's definition, in plain PyTorch; fp32 SiLU only, it is slow).
 
 and ``column_stats`` against one eager ``x.abs().sum(0)``, at each thread count of ``--threads`` (default: torch's
 default, then 1: on a shared machine a single thread is not left waiting for a descheduled OpenMP worker, so its
@@ -37,7 +37,8 @@ import torch
 import torch.nn.functional as F
 
 from bench.plotting import bar_chart
-from minigpt import ops, reference
+from minigpt import ops
+from minigpt.ops import reference
 
 T, N = 4096, 1536
 RESULTS = Path(__file__).parent / "results"

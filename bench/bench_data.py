@@ -8,7 +8,7 @@ interleaved:
 
 * ``raw encode_batch``: SmolLM2's ``tokenizers.Tokenizer.encode_batch`` on the documents already in memory (the
   same documents the pipeline reads: whole files, or the large file's pieces); the limit.
-* ``pipeline``: ``minigpt.data.Batches`` (seq_len 2048, batch 8) from the files on disk: reading, batched
+* ``pipeline``: ``minigpt.pipeline.data.Batches`` (seq_len 2048, batch 8) from the files on disk: reading, batched
   tokenization, packing and tensors on its prefetch thread; tokens of delivered batches.
 
 Throughput is tokens per CPU second of the process (all its threads; one core, so CPU seconds are the core's
@@ -55,7 +55,7 @@ def corpus_files(megabytes: float) -> list[Path]:
 
 def documents(files: list[Path]) -> list[str]:
     """The documents ``Batches`` reads from ``files``: whole small files, pieces of large ones."""
-    from minigpt.data import read_pieces, text_pieces
+    from minigpt.pipeline.data import read_pieces, text_pieces
 
     return [t for f in files for t in read_pieces(f, range(text_pieces(f))) if t]
 
@@ -73,7 +73,7 @@ def raw(tokenizer, texts: list[str]) -> int:
 
 
 def pipeline(tokenizer, files: list[Path]) -> int:
-    from minigpt.data import Batches
+    from minigpt.pipeline.data import Batches
 
     return sum(b.numel() for b in Batches(tokenizer, files, seq_len=2048, batch_size=8))
 
@@ -99,7 +99,7 @@ def measure(tokenizer, files: list[Path], reps: int) -> dict:
 
 
 def wait_share(model, tokenizer, files: list[Path], tokens: int) -> dict:
-    from minigpt.calibration import calibrate
+    from minigpt.pipeline.calibration import calibrate
 
     stats = calibrate(model, tokenizer, [str(f) for f in files], max_tokens=tokens, seq_len=512, batch_size=4,
                       progress=False)

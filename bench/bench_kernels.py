@@ -27,7 +27,8 @@ import torch
 import torch.nn.functional as F
 
 from bench.plotting import bar_chart
-from minigpt import ops, reference
+from minigpt import ops
+from minigpt.ops import reference
 
 RESULTS = Path(__file__).resolve().parent / "results"
 ACT_SHAPES = [(8192, 1536), (8192, 8192), (65536, 14336)]  # (tokens, MLP width): SmolLM2-135M, 2B-ish, 64k x 8B

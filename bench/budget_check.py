@@ -15,8 +15,8 @@ import argparse
 import json
 from pathlib import Path
 
-from minigpt.evaluation import evaluate
 from minigpt.io import load_model
+from minigpt.pipeline.evaluation import evaluate
 
 
 def check(pruned: Path, extra: list[str], eval_tokens: int, doc_tokens: int | None) -> dict:

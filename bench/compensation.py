@@ -17,12 +17,12 @@ from pathlib import Path
 
 import torch
 
-from minigpt.calibration import calibrate
-from minigpt.evaluation import evaluate
 from minigpt.io import load_model
-from minigpt.pipeline import prune
-from minigpt.sequential import prune_sequential
-from minigpt.stats import CalibrationStats
+from minigpt.pipeline.calibration import calibrate
+from minigpt.pipeline.evaluation import evaluate
+from minigpt.pipeline.prune import prune
+from minigpt.pipeline.sequential import prune_sequential
+from minigpt.pipeline.stats import CalibrationStats
 
 ROWS = {  # label: (select, compensate, sequential)
     "l1": ("metric", "none", False),

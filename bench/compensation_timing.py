@@ -1,7 +1,7 @@
 """Time of neuron selection and of the least-squares refit, per layer, on a real model and its statistics.
 
 For each amount and each method (``l1+lstsq``: the metric's lowest go; ``obs+lstsq``: greedy structured OBS,
-``minigpt.compensate.obs_keep``), every layer's selection and refit (``compensate_layer``: moments, solve, weight
+``minigpt.pipeline.compensate.obs_keep``), every layer's selection and refit (``compensate_layer``: moments, solve, weight
 copy) is timed on its own, as ``prune`` runs them. ``l1`` selection is one ranking of the whole model's scores
 (``planning.plan``), shown divided by the layer count. Writes ``<out>.json`` and ``<out>.md``.
 
@@ -21,11 +21,11 @@ from pathlib import Path
 
 import torch
 
-from minigpt import adapters
-from minigpt.compensate import DAMPING, compensate_layer, moments, obs_keep
 from minigpt.io import load_model
-from minigpt.planning import plan
-from minigpt.stats import CalibrationStats
+from minigpt.models import adapters
+from minigpt.pipeline.compensate import DAMPING, compensate_layer, moments, obs_keep
+from minigpt.pipeline.planning import plan
+from minigpt.pipeline.stats import CalibrationStats
 
 
 def _spread(xs: list[float]) -> dict:

@@ -71,8 +71,8 @@ def loglikelihood(model, ctx: list[int], cont: list[int]) -> float:
 
 
 def _cloze(work: Path) -> tuple[Path, list[dict]]:
-    from minigpt.harness import write_cloze_task
-    from minigpt.mcq import build_cloze, load_questions, save_questions
+    from minigpt.tools.harness import write_cloze_task
+    from minigpt.tools.mcq import build_cloze, load_questions, save_questions
 
     questions = work / "cloze.jsonl"
     if not questions.exists():
@@ -83,7 +83,7 @@ def _cloze(work: Path) -> tuple[Path, list[dict]]:
 
 def _gguf(model, tokenizer, directory: Path, work: Path, name: str) -> dict:
     from minigpt.errors import MiniGPTError
-    from minigpt.gguf_export import export_gguf
+    from minigpt.tools.gguf_export import export_gguf
 
     files, sizes = {}, {}
     try:

@@ -10,7 +10,7 @@ Steps, sized to finish in under 8 minutes on one H100/H200:
 3. calibration: ``bench.bench_calibration --device cuda`` (Llama-3.2-1B shape, bf16, sequence 2048: bare forward vs
    minigpt, without and with the Gram statistics compensation and OBS need, vs peers' hooks, tokens/s and peak
    memory; the Gram cost is printed under the summary).
-4. decode: ``minigpt.bench`` on the Llama-3.1-8B shape against its copy with 40 % of every MLP pruned (widths
+4. decode: ``minigpt.tools.bench`` on the Llama-3.1-8B shape against its copy with 40 % of every MLP pruned (widths
    rounded to 128) and its copy at 60 % of the parameters by the ``--target-params`` rule (MLP neurons and query
    heads, ``@params=0.6``), batch 1.
 5. one summary table against the targets, printed and written with the device name.
@@ -83,7 +83,7 @@ def run_module(module: str, *args: str) -> dict:
 
 def run_decode() -> dict:
     """Step 4: decode tokens/s of the 8B shape, unpruned vs ``DECODE_MODELS[1:]``, batch 1."""
-    from minigpt import bench
+    from minigpt.tools import bench
 
     report = bench.benchmark(DECODE_MODELS, device="cuda", prompt_lengths=[128], decode_tokens=64, batch_sizes=[1],
                              repeats=5)
@@ -163,10 +163,10 @@ def dry_run() -> int:
     """What a CPU can check of the GPU run."""
     print("gpu_check: DRY RUN on a machine without a CUDA GPU: nothing is measured, no result file is written.")
     steps = {"tests (collected only)": run_tests(collect_only=True)}
-    for module in ("bench.bench_kernels", "bench.bench_calibration", "minigpt.bench"):
+    for module in ("bench.bench_kernels", "bench.bench_calibration", "minigpt.tools.bench"):
         __import__(module)
         steps[f"import {module}"] = {"ok": True}
-    steps["decode models parse"] = {"ok": True, "models": [str(__import__("minigpt.bench").bench.ModelSpec.parse(m))
+    steps["decode models parse"] = {"ok": True, "models": [str(__import__("minigpt.tools.bench").tools.bench.ModelSpec.parse(m))
                                                             for m in DECODE_MODELS]}
     print(summary_table("no GPU (dry run)", steps, {"values": dict.fromkeys(TARGETS), "fastest_backend": {}}))
     print("gpu_check: no CUDA GPU present here; run `bash bench/gpu_check.sh` on a GPU machine to measure.")

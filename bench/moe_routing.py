@@ -22,8 +22,8 @@ from pathlib import Path
 
 import torch
 
-from minigpt import moe, moe_calibration
 from minigpt.io import atomic_file, default_model_path, load_model
+from minigpt.pipeline import moe, moe_calibration
 
 FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe")
 
@@ -43,7 +43,7 @@ def tiny_model(family: str, vocab_size: int, seed: int = 0):
 
 
 def run(model, tokenizer, args) -> dict:
-    from minigpt.evaluation import perplexity
+    from minigpt.pipeline.evaluation import perplexity
 
     def ppl() -> dict:
         return perplexity(model, tokenizer, args.eval_data, seq_len=args.seq_len, max_tokens=args.eval_tokens)

@@ -15,7 +15,7 @@ import argparse
 import json
 from pathlib import Path
 
-from minigpt.experiment import plot_recovery
+from minigpt.tools.experiment import plot_recovery
 
 FACTORS = (1.0, 1.25, 1.5, 1.75, 2.0, 2.25)
 

@@ -24,9 +24,9 @@ from pathlib import Path
 import torch
 
 import minigpt
-from minigpt import importance
-from minigpt.policy import Policy, params_after, structure_plan
-from minigpt.stats import CalibrationStats
+from minigpt.pipeline import importance
+from minigpt.pipeline.policy import Policy, params_after, structure_plan
+from minigpt.pipeline.stats import CalibrationStats
 
 RESULTS = Path(__file__).with_name("results")
 

@@ -1,6 +1,6 @@
 """Vocabulary pruning of SmolLM2-135M-Instruct for the CPython-stdlib-source domain.
 
-Counts tokens over ~1M tokens of stdlib ``.py`` files, prunes the vocabulary (``minigpt.vocab``) at a few
+Counts tokens over ~1M tokens of stdlib ``.py`` files, prunes the vocabulary (``minigpt.pipeline.vocab``) at a few
 ``min_count`` thresholds, and measures on a disjoint held-out set of files: vocabulary kept/removed, embedding
 parameters saved, tokens per byte, bits per byte (model NLL over fixed 512-token windows) and round-trip
 exactness. A plan ``MIN_COUNT:MIN_SIZE`` keeps tokens seen ``MIN_COUNT`` times, filled up to ``MIN_SIZE`` tokens
@@ -23,7 +23,14 @@ from pathlib import Path
 import torch
 
 from minigpt.io import load_model
-from minigpt.vocab import count_tokens, plan_vocab, prune_tokenizer, shrink_vocab, tokens_per_byte, vocab_report
+from minigpt.pipeline.vocab import (
+    count_tokens,
+    plan_vocab,
+    prune_tokenizer,
+    shrink_vocab,
+    tokens_per_byte,
+    vocab_report,
+)
 
 RESULTS = Path(__file__).parent / "results"
 DOCS = Path("/usr/share/doc/python3.11/html/_sources")

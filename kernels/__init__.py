@@ -1,4 +1,4 @@
-"""Triton kernels of the minigpt ops (shipped as ``minigpt.kernels``), same signatures as ``minigpt.reference``.
+"""Triton kernels of the minigpt ops (shipped as ``minigpt.kernels``), same signatures as ``minigpt.ops.reference``.
 
 From the repository root this folder is also importable as a top-level ``kernels``, the name of the Hugging Face
 hub package that ``transformers`` probes for (``import kernels``) when it is imported. Under that name nothing is

@@ -1,7 +1,7 @@
-"""Fused MLP activation + per-column statistics (reference: ``minigpt.reference.act_stats_ref``).
+"""Fused MLP activation + per-column statistics (reference: ``minigpt.ops.reference.act_stats_ref``).
 
 One pass over ``gate`` (and ``up``) writes ``h = act(gate) * up`` and adds ``[Σ|h|, Σh², max|h|]`` into
-``acc: (3, N)`` fp32 and the count of active tokens (``minigpt.reference.active_ref``) into ``nnz: (N,)`` int64.
+``acc: (3, N)`` fp32 and the count of active tokens (``minigpt.ops.reference.active_ref``) into ``nnz: (N,)`` int64.
 Each program reduces a block of rows of one column block in fp32 registers and writes its partials to a scratch
 row; the rows are then folded in a fixed order (no float atomics: the same inputs give the same bits on every
 run). ``column_stats`` is the same kernel with the activation, ``up`` and the output compiled out. Launches run on
@@ -18,7 +18,7 @@ import triton
 import triton.language as tl
 from torch.library import wrap_triton
 
-from minigpt.reference import ACTIVATIONS
+from minigpt.ops.reference import ACTIVATIONS
 
 from ._config import act_stats_config
 

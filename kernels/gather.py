@@ -1,4 +1,4 @@
-"""Batched row / column gather of 2-D weight matrices (reference: ``minigpt.reference.gather_ref``).
+"""Batched row / column gather of 2-D weight matrices (reference: ``minigpt.ops.reference.gather_ref``).
 
 Launch plan: matrices are grouped by (device, element size, gathered dim); each group is ONE launch over the output
 tiles of all its matrices. The gather is a bit copy, so fp16 and bf16 share a launch (moved as int16), and the dim is a

@@ -1,4 +1,4 @@
-"""Token histogram (reference: ``minigpt.reference.token_histogram_ref``).
+"""Token histogram (reference: ``minigpt.ops.reference.token_histogram_ref``).
 
 One int64 atomic add per kept token straight into ``counts``: exact (integer atomics commute), any vocabulary size
 (no shared-memory bins), and the mask is applied in the kernel instead of compacting the ids first. Ids outside

@@ -10,15 +10,15 @@ from minigpt._checkout import use_checkout_kernels
 
 use_checkout_kernels()  # before anything imports minigpt.kernels
 
-from minigpt.calibration import calibrate
-from minigpt.compact import compact, save_pruned
 from minigpt.errors import MiniGPTError
-from minigpt.evaluation import evaluate
 from minigpt.io import load_model
-from minigpt.pipeline import prune
-from minigpt.planning import PruningPlan, plan
-from minigpt.policy import Policy
-from minigpt.stats import CalibrationStats
+from minigpt.pipeline.calibration import calibrate
+from minigpt.pipeline.compact import compact, save_pruned
+from minigpt.pipeline.evaluation import evaluate
+from minigpt.pipeline.planning import PruningPlan, plan
+from minigpt.pipeline.policy import Policy
+from minigpt.pipeline.prune import prune
+from minigpt.pipeline.stats import CalibrationStats
 
 __version__ = "0.1.0"
 __all__ = [

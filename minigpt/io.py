@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from minigpt.errors import MiniGPTError
-from minigpt.trust import needs_remote_code
+from minigpt.models.trust import needs_remote_code
 
 log = logging.getLogger("minigpt")
 
@@ -168,7 +168,7 @@ def load_model(
     """Load ``(model, tokenizer)`` from an HF directory, a ``.gguf`` file, or the default (None).
 
     Directories pruned with non-uniform MLP widths load through their saved ``modeling_minigpt.py``; any other
-    code a directory names runs only with ``trust_remote_code=True`` (``minigpt.trust``: refused otherwise).
+    code a directory names runs only with ``trust_remote_code=True`` (``minigpt.models.trust``: refused otherwise).
     ``device_map`` (e.g. ``"auto"``: spread over every visible GPU, then CPU) replaces ``device`` for directories.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from minigpt import reference
+from minigpt.ops import reference
 
 SPECIAL = [0.0, -0.0, 1e-45, -1e-45, 1e-40, -1e-40, 1e-30, float("nan"), float("inf"), float("-inf"), 3e38, -3e38,
            100.0, -100.0, 88.8, -88.8, 30.0, -30.0, 6.0, -6.0, -8.0, -10.0, -17.0, -16.0, 1.0, -1.0, 0.5, -0.5]

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from minigpt.stats import CalibrationStats
+from minigpt.pipeline.stats import CalibrationStats
 
 SEQ_LEN = 32
 

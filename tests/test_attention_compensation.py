@@ -12,12 +12,12 @@ import torch
 from test_structures import tiny
 
 import minigpt
-from minigpt.architecture import describe, output_projection
-from minigpt.calibration import run_batches
-from minigpt.compensate import compensate_heads, head_columns, head_costs
-from minigpt.pipeline import prune
-from minigpt.policy import Policy
-from minigpt.stats import CalibrationStats, fingerprint
+from minigpt.models.architecture import describe, output_projection
+from minigpt.pipeline.calibration import run_batches
+from minigpt.pipeline.compensate import compensate_heads, head_columns, head_costs
+from minigpt.pipeline.policy import Policy
+from minigpt.pipeline.prune import prune
+from minigpt.pipeline.stats import CalibrationStats, fingerprint
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 BATCHES = [torch.randint(3, 512, (2, 16), generator=torch.Generator().manual_seed(i)) for i in range(6)]
@@ -183,8 +183,8 @@ def test_global_heads_refuse_removing_a_whole_layer():
 def test_target_params_spends_the_budget_on_cheap_heads_first():
     """Layer 1's attention barely writes to the residual stream (o_proj scaled by 1e-3): its KV group costs least
     per parameter, so the rule removes it (and only then MLP neurons); the budget is met."""
-    from minigpt import importance
-    from minigpt.policy import allocate
+    from minigpt.pipeline import importance
+    from minigpt.pipeline.policy import allocate
 
     model = tiny("llama")
     with torch.no_grad():

@@ -16,7 +16,7 @@ from conftest import tiny_model
 from scale_helpers import minigpt, popen_with_default_sigint, run, save_model
 
 from minigpt.cli import main
-from minigpt.stats import CalibrationStats
+from minigpt.pipeline.stats import CalibrationStats
 
 CAL = ("--seq-len", "32", "--max-tokens", "128", "--no-progress")
 
@@ -176,8 +176,8 @@ def medium_model(tmp_path_factory, tiny_tokenizer):
     root = tmp_path_factory.mktemp("medium")
     model.save_pretrained(root / "model", max_shard_size="8MB")
     tiny_tokenizer.save_pretrained(root / "model")
-    from minigpt.planning import plan_from_scores
-    from minigpt.stats import fingerprint
+    from minigpt.pipeline.planning import plan_from_scores
+    from minigpt.pipeline.stats import fingerprint
 
     scores = [torch.arange(2048, dtype=torch.float64)] * 6
     plan_from_scores(scores, ratio=0.25, fingerprint=fingerprint(model)).save(root / "plan.json")

@@ -1,4 +1,4 @@
-"""``minigpt.bench`` on tiny random models: report fields, pruned < original, JSON/markdown/PNG, bad specs."""
+"""``minigpt.tools.bench`` on tiny random models: report fields, pruned < original, JSON/markdown/PNG, bad specs."""
 
 from __future__ import annotations
 
@@ -7,8 +7,9 @@ import json
 
 import pytest
 
-from minigpt import bench
+from minigpt.cli import bench as bench_cli
 from minigpt.errors import MiniGPTError
+from minigpt.tools import bench
 
 SMALL = {"prompt_lengths": [8, 16], "decode_tokens": 2, "batch_sizes": [1, 2], "repeats": 2, "warmup": 0}
 
@@ -50,15 +51,15 @@ def test_specs_and_ablation():
 
 
 def test_parameter_budget_spec():
-    """``@params=KEEP``: the ``--target-params`` rule on the named shape (heads and MLP neurons go, ≤ KEEP kept)."""
+    """``@params=KEEP``: the ``--target-params`` rule on the named shape (it decides how many heads and MLP neurons
+    go; the MLP ratio fills the budget, so close to KEEP of the parameters stay)."""
     assert bench.ModelSpec.parse("llama-3.1-8b@params=0.6") == bench.ModelSpec(
         "llama-3.1-8b@params=0.6", "llama-3.1-8b", target_params=0.6)
     report = bench.benchmark(["tiny-llama", "tiny-llama@params=0.7"], **SMALL)
     base, pruned = (m["params"] for m in report["models"])
-    assert pruned["total"] <= 0.7 * base["total"] and pruned["mlp"] < base["mlp"]
-    assert pruned["attention"] < base["attention"]
+    assert 0.65 * base["total"] <= pruned["total"] <= 0.7 * base["total"] and pruned["mlp"] < base["mlp"]
     model = bench.load(bench.ModelSpec.parse("tiny-llama@params=0.7"), "cpu", bench.torch.float32)
-    assert model.config.num_attention_heads < bench.NAMED_CONFIGS["tiny-llama"]["num_attention_heads"]
+    assert sum(p.numel() for p in model.parameters()) == pruned["total"]
 
 
 @pytest.mark.parametrize("spec", ["no-such-model", "tiny-llama@1.5", "tiny-llama@x", "tiny-llama@0.4/0",
@@ -71,7 +72,7 @@ def test_bad_spec_is_one_line(spec):
 
 def test_cli_writes_json_markdown_png(tmp_path, capsys):
     parser = argparse.ArgumentParser()
-    bench.add_parser(parser.add_subparsers(dest="command"))
+    bench_cli.add_parser(parser.add_subparsers(dest="command"))
     out = {k: tmp_path / f"bench.{k}" for k in ("json", "md", "png")}
     args = parser.parse_args(["bench", "--model", "tiny-llama", "--model", "tiny-llama@0.25/64", "--device", "cpu",
                               "--prompt-lengths", "8", "--batch-sizes", "1", "--decode-tokens", "2", "--repeats", "1",

@@ -1,4 +1,4 @@
-"""Sizing by a quality budget (``minigpt.budget``) and the held-out text it is sized on."""
+"""Sizing by a quality budget (``minigpt.pipeline.budget``) and the held-out text it is sized on."""
 
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ import pytest
 import torch
 from conftest import tiny_model
 
-from minigpt.budget import document_nll, ratio_bound, sizing_documents
-from minigpt.data import document_window, iter_texts, resolve_files
-from minigpt.evaluation import documents_after, perplexity_of_ids, token_stream
+from minigpt.pipeline.budget import document_nll, ratio_bound, sizing_documents
+from minigpt.pipeline.data import document_window, iter_texts, resolve_files
+from minigpt.pipeline.evaluation import documents_after, perplexity_of_ids, token_stream
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -143,7 +143,7 @@ def test_vocab_counted_by_tokenizer_alone_with_min_size(model_dir, corpus_dir, t
     import torch
 
     import minigpt
-    from minigpt.vocab import corpus_token_counts
+    from minigpt.pipeline.vocab import corpus_token_counts
 
     counts = corpus_token_counts(tiny_tokenizer, str(corpus_dir), 2048, 512, progress=False)
     stats = minigpt.calibrate(tiny_model("llama"), tiny_tokenizer, str(corpus_dir), max_tokens=2048, seq_len=1024,

@@ -12,16 +12,16 @@ import torch
 from conftest import tiny_model
 from scale_helpers import save_model
 
-from minigpt import adapters
-from minigpt.calibration import calibrate, run_batches
 from minigpt.cli import main
-from minigpt.compensate import compensate_layer, moments, obs_keep, refit
-from minigpt.data import Batches, resolve_files
-from minigpt.importance import stats_scores
-from minigpt.pipeline import prune
-from minigpt.planning import PruningPlan, plan_from_scores
-from minigpt.sequential import prune_sequential
-from minigpt.stats import CalibrationStats, fingerprint
+from minigpt.models import adapters
+from minigpt.pipeline.calibration import calibrate, run_batches
+from minigpt.pipeline.compensate import compensate_layer, moments, obs_keep, refit
+from minigpt.pipeline.data import Batches, resolve_files
+from minigpt.pipeline.importance import stats_scores
+from minigpt.pipeline.planning import PruningPlan, plan_from_scores
+from minigpt.pipeline.prune import prune
+from minigpt.pipeline.sequential import prune_sequential
+from minigpt.pipeline.stats import CalibrationStats, fingerprint
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 CALIB = {"max_tokens": 1024, "seq_len": 64, "batch_size": 2, "progress": False}
@@ -146,8 +146,8 @@ def test_compensated_models_of_every_architecture_reload(model_type, tiny_tokeni
     Architectures with no bias slot refuse ``bias`` with a one-line error."""
     from transformers import AutoModelForCausalLM
 
-    from minigpt.compact import save_pruned
     from minigpt.errors import MiniGPTError
+    from minigpt.pipeline.compact import save_pruned
 
     model = tiny_model(model_type)
     batches = _batches(tiny_tokenizer, corpus_dir)

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from minigpt.cli import main
-from minigpt.harness import cloze_task_yaml, write_cloze_task
-from minigpt.planning import auto_multiple, plan_from_scores
+from minigpt.pipeline.planning import auto_multiple, plan_from_scores
+from minigpt.tools.harness import cloze_task_yaml, write_cloze_task
 
 
 def test_auto_multiple_keeps_widths_whole_quantisation_blocks():
@@ -62,8 +62,8 @@ def test_lm_eval_runs_the_cloze_task_on_the_in_memory_model(tiny_tokenizer, tmp_
     pytest.importorskip("lm_eval")
     from conftest import tiny_model
 
-    from minigpt.harness import run_tasks
-    from minigpt.mcq import accuracy
+    from minigpt.tools.harness import run_tasks
+    from minigpt.tools.mcq import accuracy
 
     questions = tmp_path / "q.jsonl"
     questions.write_text("".join(f'{{"question": "def f(x):\\n    return x {op}", "choices": [" 1\\n", " y\\n", '
@@ -71,7 +71,7 @@ def test_lm_eval_runs_the_cloze_task_on_the_in_memory_model(tiny_tokenizer, tmp_
     write_cloze_task(questions, tmp_path / "tasks", "minigpt_t")
     model = tiny_model("llama")
     result = run_tasks(model, tiny_tokenizer, ["minigpt_t"], include_path=tmp_path / "tasks")
-    from minigpt.mcq import load_questions
+    from minigpt.tools.mcq import load_questions
 
     ours = accuracy(model, tiny_tokenizer, load_questions(questions), normalise="none")
     assert result["minigpt_t"]["acc,none"] == pytest.approx(ours["accuracy"])

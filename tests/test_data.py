@@ -8,10 +8,10 @@ import random
 import pytest
 from conftest import tiny_model
 
-from minigpt.calibration import calibrate
-from minigpt.data import Batches, document_window, iter_texts
 from minigpt.errors import MiniGPTError
-from minigpt.evaluation import perplexity, token_stream
+from minigpt.pipeline.calibration import calibrate
+from minigpt.pipeline.data import Batches, document_window, iter_texts
+from minigpt.pipeline.evaluation import perplexity, token_stream
 
 
 def _contains(seq: list[int], part: list[int]) -> bool:
@@ -73,7 +73,7 @@ import json, sys
 from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
-from minigpt.calibration import calibrate
+from minigpt.pipeline.calibration import calibrate
 
 def status(key):
     return int(next(l for l in open("/proc/self/status") if l.startswith(key)).split()[1]) * 1024
@@ -102,7 +102,7 @@ def test_two_gigabyte_file_streams_in_pieces(tiny_tokenizer, tmp_path):
     from conftest import STDLIB, tiny_model
     from scale_helpers import save_model, worker_env
 
-    from minigpt.data import LARGE_FILE_BYTES
+    from minigpt.pipeline.data import LARGE_FILE_BYTES
 
     model_dir = save_model(tiny_model("llama"), tiny_tokenizer, tmp_path / "model")
     block = "\n\n".join(p.read_text() for p in sorted(STDLIB.glob("*.py"))[:40]).encode()

@@ -15,7 +15,7 @@ from scale_helpers import (
 )
 
 from minigpt.cli import main
-from minigpt.stats import CalibrationStats
+from minigpt.pipeline.stats import CalibrationStats
 
 ARGS = ("--seq-len", SEQ_LEN, "--batch-size", 2, "--max-tokens", 10**9, "--no-progress")
 
@@ -51,7 +51,7 @@ def test_two_ranks_equal_one_process(setup, tmp_path, capsys):
 
 
 def test_max_tokens_is_split_between_ranks():
-    from minigpt.calibration import _share
+    from minigpt.pipeline.calibration import _share
 
     assert [_share(5 * SEQ_LEN, SEQ_LEN, r, 2) for r in range(2)] == [3, 2]  # ⌈max_tokens / seq_len⌉ in all
     assert sum(_share(1000, SEQ_LEN, r, 3) for r in range(3)) == -(-1000 // SEQ_LEN)
@@ -117,7 +117,7 @@ def _many_files(root):
 
 def _kept_agreement(a: CalibrationStats, b: CalibrationStats) -> float:
     """Share of the neurons an l1 20 % plan of ``a`` keeps that the plan of ``b`` keeps too."""
-    from minigpt.planning import plan
+    from minigpt.pipeline.planning import plan
 
     kept_a, kept_b = (plan(s, "l1", ratio=0.2).kept for s in (a, b))
     return sum(len(set(x) & set(y)) for x, y in zip(kept_a, kept_b)) / sum(len(x) for x in kept_a)

@@ -10,8 +10,8 @@ from conftest import STDLIB, tiny_model
 import minigpt
 from minigpt import MiniGPTError
 from minigpt.cli import main
-from minigpt.evaluation import perplexity
-from minigpt.experiment import Experiment, Settings, grid
+from minigpt.pipeline.evaluation import perplexity
+from minigpt.tools.experiment import Experiment, Settings, grid
 
 DOMAINS = {"algo": ["heapq.py", "bisect.py", "queue.py", "graphlib.py", "sched.py", "colorsys.py", "fractions.py"],
            "text": ["textwrap.py", "shlex.py", "glob.py", "fnmatch.py", "string.py", "difflib.py", "cmd.py"]}

@@ -11,12 +11,12 @@ import torch
 from conftest import tiny_model
 
 import minigpt
-from minigpt import adapters
 from minigpt.cli import main
-from minigpt.data import Batches
 from minigpt.errors import MiniGPTError
-from minigpt.evaluation import perplexity
-from minigpt.finetune import TokenStream, distillation_loss, finetune, overfitting, stalled
+from minigpt.models import adapters
+from minigpt.pipeline.data import Batches
+from minigpt.pipeline.evaluation import perplexity
+from minigpt.tools.finetune import TokenStream, distillation_loss, finetune, overfitting, stalled
 
 SMALL = {"seq_len": 64, "batch_size": 4, "eval_tokens": 512, "eval_seq_len": 128, "progress": False}
 

@@ -9,14 +9,14 @@ import torch
 from conftest import tiny_config, tiny_model
 
 import minigpt
-from minigpt import adapters, formats
-from minigpt.compact import REMOTE_CODE
-from minigpt.modeling_minigpt import DeciLMConfig, DeciLMForCausalLM
+from minigpt.models import adapters, formats
+from minigpt.models.modeling_minigpt import DeciLMConfig, DeciLMForCausalLM
+from minigpt.pipeline.compact import REMOTE_CODE
 
 
 def _per_layer(model):
     plan = minigpt.PruningPlan(kept=[list(range(40)), list(range(1, 41, 2))], widths=[48, 48],
-                               fingerprint=minigpt.stats.fingerprint(model))
+                               fingerprint=minigpt.pipeline.stats.fingerprint(model))
     return minigpt.prune(model, pruning_plan=plan)
 
 

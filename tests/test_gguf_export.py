@@ -11,7 +11,7 @@ from conftest import tiny_model
 
 import minigpt
 from minigpt.cli import main
-from minigpt.gguf_export import _permute_for_rope, export_gguf, pre_tokenizer_name
+from minigpt.tools.gguf_export import _permute_for_rope, export_gguf, pre_tokenizer_name
 
 gguf = pytest.importorskip("gguf")
 
@@ -70,7 +70,7 @@ def test_vocabulary_pruned_model_exports(corpus_dir, tiny_tokenizer, tmp_path):
     model = tiny_model("llama", tied=True)
     counts = torch.zeros(model.get_input_embeddings().num_embeddings, dtype=torch.long)
     counts[:300] = 1
-    tokenizer, kept, _ = minigpt.pipeline.prune_vocabulary(model, tiny_tokenizer, counts)
+    tokenizer, kept, _ = minigpt.pipeline.prune.prune_vocabulary(model, tiny_tokenizer, counts)
     directory = minigpt.save_pruned(model, tokenizer, tmp_path / "vocab")
     export_gguf(model, tokenizer, tmp_path / "v.gguf", "f16", source_dir=directory)
     reader = gguf.GGUFReader(tmp_path / "v.gguf")
@@ -81,7 +81,7 @@ def test_vocabulary_pruned_model_exports(corpus_dir, tiny_tokenizer, tmp_path):
 def test_per_layer_widths_are_refused_with_the_reason(tiny_tokenizer, tmp_path, capsys):
     model = tiny_model("llama")
     plan = minigpt.PruningPlan(kept=[list(range(40)), list(range(20))], widths=[48, 48],
-                               fingerprint=minigpt.stats.fingerprint(model))
+                               fingerprint=minigpt.pipeline.stats.fingerprint(model))
     model, _ = minigpt.prune(model, pruning_plan=plan)
     with pytest.raises(minigpt.MiniGPTError, match="one feed_forward_length"):
         export_gguf(model, tiny_tokenizer, tmp_path / "x.gguf")

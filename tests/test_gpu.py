@@ -10,9 +10,11 @@ import torch
 from conftest import tiny_model
 from edge_values import assert_same_stats, edge_grids
 
-from minigpt import adapters, calibration, ops
-from minigpt import reference as R
-from minigpt.stats import CalibrationStats, fingerprint
+from minigpt import ops
+from minigpt.models import adapters
+from minigpt.ops import reference as R
+from minigpt.pipeline import calibration
+from minigpt.pipeline.stats import CalibrationStats, fingerprint
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 GPU_BACKENDS = ["cuda", "triton"]

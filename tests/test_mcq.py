@@ -10,7 +10,7 @@ from conftest import tiny_model
 
 from minigpt import MiniGPTError
 from minigpt.cli import main
-from minigpt.mcq import accuracy, build_cloze, choice_logprobs, load_questions, save_questions
+from minigpt.tools.mcq import accuracy, build_cloze, choice_logprobs, load_questions, save_questions
 
 
 def _full_logprob(model, tokenizer, question: str, choice: str) -> float:

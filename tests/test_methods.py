@@ -9,10 +9,11 @@ import torch
 from conftest import tiny_model
 
 import minigpt
-from minigpt import adapters, importance
 from minigpt.cli import main
-from minigpt.planning import plan_from_scores
-from minigpt.stats import CalibrationStats, fingerprint
+from minigpt.models import adapters
+from minigpt.pipeline import importance
+from minigpt.pipeline.planning import plan_from_scores
+from minigpt.pipeline.stats import CalibrationStats, fingerprint
 
 
 def _stats(model, mean_abs: list[list[float]], tokens: int = 10) -> CalibrationStats:

@@ -12,7 +12,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from minigpt.cli import main
 from minigpt.errors import MiniGPTError
-from minigpt.moe import (
+from minigpt.pipeline.moe import (
     MoEPlan,
     MoEStats,
     check_expert_ratio,

@@ -10,13 +10,13 @@ import pytest
 import torch
 from test_moe import DEAD_EXPERTS, EXPERTS, FAMILIES, STDLIB, batches, logits, moe_model
 
-from minigpt import bench
 from minigpt.cli import main
-from minigpt.compact import save_pruned
 from minigpt.errors import MiniGPTError
 from minigpt.io import load_model
-from minigpt.moe import collect, moe_layers, moe_parameter_counts, plan_moe, prune_moe
-from minigpt.trust import is_own_code
+from minigpt.models.trust import is_own_code
+from minigpt.pipeline.compact import save_pruned
+from minigpt.pipeline.moe import collect, moe_layers, moe_parameter_counts, plan_moe, prune_moe
+from minigpt.tools import bench
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -1,4 +1,4 @@
-"""The C++ ops (and the CUDA ops, where built) of ``minigpt._C`` against ``minigpt.reference``.
+"""The C++ ops (and the CUDA ops, where built) of ``minigpt._C`` against ``minigpt.ops.reference``.
 
 Histograms and gathers must match exactly. Float statistics are compared with an fp64 computation: our error must
 stay within twice the reference's own fp32 error plus a couple of fp32 roundings (flash-attention's rule).
@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from minigpt import ops as minigpt_ops
-from minigpt import reference as R
+from minigpt.ops import reference as R
 
 _C = pytest.importorskip("minigpt._C", reason="the C++ extension minigpt._C is not built")
 minigpt_ops.get_op("act_stats", "cpp")  # defines the schemas the extension's kernels implement

@@ -13,8 +13,10 @@ import torch
 from conftest import tiny_model
 from edge_values import assert_same_stats, edge_grids
 
-from minigpt import adapters, calibration, ops
-from minigpt import reference as R
+from minigpt import ops
+from minigpt.models import adapters
+from minigpt.ops import reference as R
+from minigpt.pipeline import calibration
 
 CPU_BACKENDS = [b for b in ("torch", "cpp") if b in ops.available_backends("cpu")]
 FLOATS = [torch.float32, torch.bfloat16, torch.float16]

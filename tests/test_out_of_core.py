@@ -65,13 +65,13 @@ def _both_ways(model, kept, tokenizer, tmp_path, shard_size="20KB"):
     from test_structures import plan_of
 
     import minigpt
-    from minigpt.sharded import prune_checkpoint
+    from minigpt.pipeline.sharded import prune_checkpoint
 
     src = tmp_path / "src"
     model.save_pretrained(src, max_shard_size=shard_size)
     tokenizer.save_pretrained(src)
     plan = plan_of(model, kept)
-    plan.fingerprint = minigpt.stats.fingerprint(model)
+    plan.fingerprint = minigpt.pipeline.stats.fingerprint(model)
     minigpt.prune(model, pruning_plan=plan)
     minigpt.save_pruned(model, tokenizer, tmp_path / "mem", plan=plan)
     prune_checkpoint(src, tmp_path / "ooc", pruning_plan=plan)
@@ -84,7 +84,7 @@ def test_out_of_core_every_structure_equals_in_memory(arch, tied, structure, tin
     """Every structure of every kind of architecture, tensor for tensor; config and the saved shapes too."""
     from test_structures import removal, tiny
 
-    from minigpt import surgery
+    from minigpt.models import surgery
 
     model = tiny(arch, tied)
     if structure == "all":
@@ -106,7 +106,7 @@ def test_out_of_core_layer_removal_renumbers_keys_and_index(tiny_tokenizer, tmp_
     from test_structures import tiny_config
     from transformers import AutoModelForCausalLM
 
-    from minigpt import surgery
+    from minigpt.models import surgery
 
     config = tiny_config("llama")
     config.num_hidden_layers = 5
@@ -198,7 +198,7 @@ def test_out_of_core_refuses_what_the_description_lacks(tiny_tokenizer, tmp_path
     writing)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from minigpt.stats import CalibrationStats, fingerprint
+    from minigpt.pipeline.stats import CalibrationStats, fingerprint
 
     config = AutoConfig.for_model("opt", hidden_size=32, ffn_dim=48, num_hidden_layers=2, num_attention_heads=4,
                                   word_embed_proj_dim=16, vocab_size=512, max_position_embeddings=64)
@@ -216,7 +216,7 @@ def test_out_of_core_refuses_what_the_description_lacks(tiny_tokenizer, tmp_path
 
 MEASURE = """
 import json, sys
-import minigpt.cli, minigpt.compact, minigpt.pipeline, minigpt.sharded
+import minigpt.cli, minigpt.pipeline.compact, minigpt.pipeline.prune, minigpt.pipeline.sharded
 from transformers import AutoTokenizer, LlamaForCausalLM, PreTrainedTokenizerFast
 
 def rss(field):
@@ -236,8 +236,8 @@ def test_peak_memory_is_a_few_tensors_not_the_model(tiny_tokenizer, tmp_path):
     the post-import baseline, while the in-memory path (the control) exceeds the model's size."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from minigpt.planning import plan_from_scores
-    from minigpt.stats import fingerprint
+    from minigpt.pipeline.planning import plan_from_scores
+    from minigpt.pipeline.stats import fingerprint
 
     config = AutoConfig.for_model("llama", vocab_size=512, hidden_size=1024, intermediate_size=4096,
                                   num_hidden_layers=5, num_attention_heads=16, num_key_value_heads=1, head_dim=64,

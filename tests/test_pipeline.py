@@ -7,8 +7,8 @@ import torch
 from conftest import tiny_model
 
 import minigpt
-from minigpt import adapters
-from minigpt.evaluation import parameter_counts
+from minigpt.models import adapters
+from minigpt.pipeline.evaluation import parameter_counts
 
 DENSE_NEW = ["phi3", "gemma2", "gemma3_text", "smollm3", "olmo2"]  # fused gate_up, soft-capping, their own norms
 ARCHS = ["llama", "mistral", "qwen2", "qwen3", "gemma", "opt", "gpt2", "phi", *DENSE_NEW]
@@ -84,7 +84,7 @@ def test_pruning_never_fired_relu_neurons_is_exact(corpus_dir, tiny_tokenizer):
     stats = minigpt.calibrate(model, tiny_tokenizer, data, max_tokens=512, seq_len=64, progress=False)
     dead = [int((n == 0).sum()) for n in stats.nonzero]
     assert all(d >= 16 for d in dead)
-    batch = next(iter(minigpt.data.Batches(tiny_tokenizer, minigpt.data.resolve_files(data), seq_len=64,
+    batch = next(iter(minigpt.pipeline.data.Batches(tiny_tokenizer, minigpt.pipeline.data.resolve_files(data), seq_len=64,
                                            batch_size=8, max_tokens=512)))
     with torch.inference_mode():
         reference = model(batch).logits
@@ -111,8 +111,8 @@ def test_pruned_model_evaluates_and_benches(arch, corpus_dir, tiny_tokenizer, tm
     pruned by ``@RATIO``) on every dense architecture added after llama's."""
     import json
 
-    from minigpt import bench
     from minigpt.cli import main
+    from minigpt.tools import bench
 
     src, out = tmp_path / "src", tmp_path / "pruned"
     tiny_model(arch).save_pretrained(src)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import minigpt
-from minigpt.evaluation import parameter_counts, perplexity
+from minigpt.pipeline.evaluation import parameter_counts, perplexity
 
 pytestmark = pytest.mark.slow
 

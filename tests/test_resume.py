@@ -22,7 +22,7 @@ from scale_helpers import (
 )
 
 from minigpt.cli import main
-from minigpt.stats import CalibrationStats
+from minigpt.pipeline.stats import CalibrationStats
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

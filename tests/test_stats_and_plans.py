@@ -7,10 +7,10 @@ import torch
 from conftest import tiny_model
 
 import minigpt
-from minigpt.calibration import run_batches
-from minigpt.data import Batches, resolve_files
-from minigpt.planning import plan_from_scores
-from minigpt.stats import CalibrationStats, fingerprint
+from minigpt.pipeline.calibration import run_batches
+from minigpt.pipeline.data import Batches, resolve_files
+from minigpt.pipeline.planning import plan_from_scores
+from minigpt.pipeline.stats import CalibrationStats, fingerprint
 
 
 def _assert_stats_equal(a: CalibrationStats, b: CalibrationStats) -> None:

@@ -10,8 +10,8 @@ import torch
 from test_structures import tiny
 
 import minigpt
-from minigpt.calibration import run_batches
-from minigpt.stats import CalibrationStats, fingerprint
+from minigpt.pipeline.calibration import run_batches
+from minigpt.pipeline.stats import CalibrationStats, fingerprint
 
 BATCHES = [torch.randint(3, 128, (2, 12), generator=torch.Generator().manual_seed(i)) for i in range(4)]
 

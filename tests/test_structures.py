@@ -8,9 +8,10 @@ import pytest
 import torch
 
 import minigpt
-from minigpt import ops, surgery
-from minigpt.architecture import describe
-from minigpt.planning import PruningPlan
+from minigpt import ops
+from minigpt.models import surgery
+from minigpt.models.architecture import describe
+from minigpt.pipeline.planning import PruningPlan
 
 WITH_ENTRY = ["llama", "mistral", "qwen2", "qwen3", "gemma", "opt", "gpt2", "phi"]
 DENSE_NEW = ["phi3", "gemma2", "gemma3_text", "smollm3", "olmo2"]
@@ -23,7 +24,7 @@ HIDDEN, WIDTH, LAYERS = 32, 48, 3
 
 def tiny_config(model_type: str, tied: bool = False):
     """3 layers, hidden 32, MLP 48, 4 query heads of 8 in 2 KV groups (GPT-2 / OPT: 4 heads, no GQA); ε tiny so
-    that exactness is checked to fp32 rounding (see ``minigpt.surgery`` on ε)."""
+    that exactness is checked to fp32 rounding (see ``minigpt.models.surgery`` on ε)."""
     from transformers import AutoConfig
 
     common = {"vocab_size": 512, "tie_word_embeddings": tied, "bos_token_id": 1, "eos_token_id": 2,
@@ -101,7 +102,7 @@ def zero_removed(model, kept: surgery.Kept) -> int:
 
 
 def plan_of(model, kept: surgery.Kept) -> PruningPlan:
-    widths = minigpt.adapters.widths(model)
+    widths = minigpt.models.adapters.widths(model)
     return PruningPlan(kept=kept.mlp or [list(range(w)) for w in widths], widths=widths, heads=kept.heads,
                        hidden=kept.hidden, layers=kept.layers)
 
@@ -123,7 +124,7 @@ def test_zeroed_structure_prunes_exactly(arch, structure):
     with torch.inference_mode():
         logits = model(IDS).logits
     if structure == "hidden" and arch in LAYER_NORM:
-        assert logits.shape == reference.shape  # approximate by design (see minigpt.surgery)
+        assert logits.shape == reference.shape  # approximate by design (see minigpt.models.surgery)
     else:
         torch.testing.assert_close(logits, reference, rtol=1e-5, atol=1e-5)
 
@@ -195,20 +196,20 @@ def test_cli_prunes_every_structure_and_records_kept_indices(corpus_dir, tiny_to
 def test_target_params_allocation_reaches_the_budget(corpus_dir, tiny_tokenizer):
     from dataclasses import replace
 
-    from minigpt import importance
+    from minigpt.pipeline import importance
 
     model = tiny("qwen2")
     total = sum(p.numel() for p in model.parameters())
     stats = minigpt.calibrate(model, tiny_tokenizer, [str(corpus_dir)], max_tokens=256, seq_len=32, progress=False)
     policy = minigpt.Policy(target_params=0.8)
-    chosen = minigpt.policy.allocate(stats, model, policy, importance.scores("l1", stats=stats))
+    chosen = minigpt.pipeline.policy.allocate(stats, model, policy, importance.scores("l1", stats=stats))
     assert chosen.target_params is None and (not chosen.heads or (chosen.kv_groups and chosen.heads_scope == "global"))
     model, plan = minigpt.prune(model, tiny_tokenizer, stats=stats, policy=policy)
     after = sum(p.numel() for p in model.parameters())
     assert after <= 0.8 * total
     r = plan.policy["ratio"]
     assert r == chosen.mlp and plan.policy.get("heads", 0.0) == chosen.heads
-    looser = minigpt.policy.params_after(stats, tiny("qwen2"), replace(chosen, mlp=r - 0.005),
+    looser = minigpt.pipeline.policy.params_after(stats, tiny("qwen2"), replace(chosen, mlp=r - 0.005),
                                          importance.scores("l1", stats=stats))
     assert looser > 0.8 * total  # the next smaller amount on the grid misses the budget
 

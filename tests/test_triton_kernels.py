@@ -25,7 +25,8 @@ import pytest
 import torch
 from edge_values import assert_same_stats, edge_grids
 
-from minigpt import ops, reference
+from minigpt import ops
+from minigpt.ops import reference
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 with pytest.MonkeyPatch.context() as _mp:
@@ -363,7 +364,8 @@ def test_ops_dispatch_to_triton_interpreter():
     script = textwrap.dedent(
         """
         import torch
-        from minigpt import ops, reference
+        from minigpt import ops
+        from minigpt.ops import reference
         assert "triton" in ops.available_backends("cpu"), ops.available_backends("cpu")
         g, u = torch.randn(2, 5, 19), torch.randn(2, 5, 19)
         acc, nnz = torch.zeros(3, 19), torch.zeros(19, dtype=torch.int64)

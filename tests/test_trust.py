@@ -10,9 +10,9 @@ from conftest import tiny_model
 from scale_helpers import save_model
 
 import minigpt
-from minigpt import adapters
 from minigpt.cli import main
 from minigpt.errors import MiniGPTError
+from minigpt.models import adapters
 
 EVIL = '''
 import pathlib
@@ -90,7 +90,7 @@ def test_the_flag_runs_it(evil_dir, corpus_dir, tmp_path):
 def _nonuniform(tiny_tokenizer, tmp_path):
     model = tiny_model("llama")
     plan = minigpt.PruningPlan(kept=[list(range(40)), list(range(0, 40, 2))], widths=[48, 48],
-                               fingerprint=minigpt.stats.fingerprint(model, tiny_tokenizer))
+                               fingerprint=minigpt.pipeline.stats.fingerprint(model, tiny_tokenizer))
     model, _ = minigpt.prune(model, pruning_plan=plan)
     return model, minigpt.save_pruned(model, tiny_tokenizer, tmp_path / "nonuniform", plan=plan)
 

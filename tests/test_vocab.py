@@ -21,7 +21,7 @@ from transformers import (
 )
 
 from minigpt.errors import MiniGPTError
-from minigpt.vocab import (
+from minigpt.pipeline.vocab import (
     count_tokens,
     plan_vocab,
     prune_tokenizer,

@@ -26,7 +26,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
 from minigpt.errors import MiniGPTError
-from minigpt.vocab import BYTE_PIECES, plan_vocab, prune_tokenizer
+from minigpt.pipeline.vocab import BYTE_PIECES, plan_vocab, prune_tokenizer
 
 SPECIALS = ["<unk>", "<s>", "</s>", "<|im_start|>", "<|im_end|>"]
 

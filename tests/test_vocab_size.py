@@ -1,4 +1,4 @@
-"""Vocabulary size chosen by a measured bound on held-out bits per byte (``minigpt.vocab_size``)."""
+"""Vocabulary size chosen by a measured bound on held-out bits per byte (``minigpt.pipeline.vocab_size``)."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ from scale_helpers import save_model
 
 from minigpt.cli import main
 from minigpt.io import load_model
-from minigpt.vocab import count_tokens, plan_vocab, prune_tokenizer, shrink_vocab
-from minigpt.vocab_size import bits_per_byte, heldout_texts, text_window
+from minigpt.pipeline.vocab import count_tokens, plan_vocab, prune_tokenizer, shrink_vocab
+from minigpt.pipeline.vocab_size import bits_per_byte, heldout_texts, text_window
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

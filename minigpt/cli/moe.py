@@ -4,7 +4,7 @@ Calibrates routing and expert statistics on the domain corpus (or reads ``--expe
 routed-to experts and the least used neurons inside experts, evaluates, and saves a directory with
 ``minigpt_plan.json``, ``minigpt_report.json`` and the statistics (``minigpt_expert_stats.safetensors``): stock
 ``from_pretrained`` reloads it, or, with ``--scope global`` (expert counts differing per layer), the saved
-``modeling_minigpt.py``. ``--out-of-core`` rewrites the checkpoint shard by shard (``minigpt.moe_sharded``).
+``modeling_minigpt.py``. ``--out-of-core`` rewrites the checkpoint shard by shard (``minigpt.pipeline.moe_sharded``).
 """
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ import json
 import math
 from pathlib import Path
 
-from minigpt import moe, moe_calibration
 from minigpt.errors import MiniGPTError
+from minigpt.pipeline import moe, moe_calibration
 
 # prune options that mean nothing on the expert path, with the value that says they were not given
 _DENSE_ONLY = {"stats": None, "plan": None, "threshold": None, "ratio": None, "reference_stats": None,
@@ -41,7 +41,7 @@ def _check(args, source):
     Returns the config."""
     from transformers import AutoConfig
 
-    from minigpt.data import resolve_files
+    from minigpt.pipeline.data import resolve_files
 
     given = [f"--{k.replace('_', '-')}" for k, unset in _DENSE_ONLY.items() if getattr(args, k, unset) != unset]
     if given:
@@ -67,8 +67,8 @@ def _check(args, source):
 
 def calibrate(model, tokenizer, args, out: Path) -> None:
     """``minigpt calibrate`` on a MoE model: expert statistics (every rank its shard; rank 0 writes them)."""
-    from minigpt import distributed
     from minigpt.io import discard
+    from minigpt.pipeline import distributed
 
     checkpoint = Path(args.checkpoint or f"{out}.ckpt") if args.checkpoint_every else None
     stats = moe_calibration.calibrate_moe(model, tokenizer, args.data, max_tokens=args.max_tokens, seq_len=args.seq_len,
@@ -84,7 +84,7 @@ def calibrate(model, tokenizer, args, out: Path) -> None:
 
 
 def _perplexity(model, tokenizer, args) -> dict:
-    from minigpt.evaluation import perplexity
+    from minigpt.pipeline.evaluation import perplexity
 
     return perplexity(model, tokenizer, args.eval_data, seq_len=args.eval_seq_len, stride=args.stride,
                       max_tokens=args.eval_tokens, doc_tokens=args.eval_doc_tokens, progress=not args.no_progress)
@@ -92,8 +92,8 @@ def _perplexity(model, tokenizer, args) -> dict:
 
 def run_prune(args, source, out: Path, load) -> None:
     """The prune command on a MoE model; ``load(args) -> (model, tokenizer)`` is the CLI's loader."""
-    from minigpt.compact import save_pruned
-    from minigpt.planning import auto_multiple
+    from minigpt.pipeline.compact import save_pruned
+    from minigpt.pipeline.planning import auto_multiple
 
     config = _check(args, source)
     stats = moe.MoEStats.load(args.expert_stats) if args.expert_stats else None
@@ -103,7 +103,7 @@ def run_prune(args, source, out: Path, load) -> None:
     policy = {"experts": args.experts, "criterion": args.expert_criterion, "neurons": args.expert_neurons,
               "metric": args.metric, "multiple": math.lcm(multiple, moe.EXPERT_WIDTH_MULTIPLE), "scope": args.scope}
     if args.out_of_core:
-        from minigpt import moe_sharded
+        from minigpt.pipeline import moe_sharded
 
         _, _, report = moe_sharded.prune_checkpoint(source, out, stats, trust_remote_code=args.trust_remote_code,
                                                     **policy)

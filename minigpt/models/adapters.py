@@ -3,7 +3,7 @@
 Neurons of layer ``l`` are the output features of the *row* projections (gate/up, ``fc1``, ``c_fc``) and the
 input features of the *column* projections (down, ``fc2``, ``c_proj``). Architectures without an entry get their
 layout from their tensor-parallel plan; every structure's slices (heads, hidden, layers too) are described in
-``minigpt.architecture`` and cut by ``minigpt.surgery``.
+``minigpt.models.architecture`` and cut by ``minigpt.models.surgery``.
 """
 
 from __future__ import annotations
@@ -12,8 +12,8 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from minigpt import architecture
 from minigpt.errors import MiniGPTError
+from minigpt.models import architecture
 
 # HF activation names → the fused kernels' names (anything else falls back to the model's own function).
 ACTIVATION_NAMES = {
@@ -53,7 +53,7 @@ class MLPLayout:
 GATED = MLPLayout("model.layers", "mlp", ("gate_proj", "up_proj"), ("down_proj",), "act_fn", "intermediate_size")
 ADAPTERS: dict[str, MLPLayout] = {
     "llama": GATED,
-    "nemotron-nas": GATED,  # Llama with per-layer shapes, as saved by minigpt.formats
+    "nemotron-nas": GATED,  # Llama with per-layer shapes, as saved by minigpt.models.formats
     "mistral": GATED,
     "qwen2": GATED,
     "qwen3": GATED,
@@ -73,7 +73,7 @@ ACT_ATTRS = ("act_fn", "activation_fn", "act")
 
 
 def derived_layout(model_or_config) -> MLPLayout:
-    """The MLP layout of an architecture without an entry, from its tensor-parallel plan (``minigpt.architecture``)."""
+    """The MLP layout of an architecture without an entry, from its tensor-parallel plan (``minigpt.models.architecture``)."""
     config = getattr(model_or_config, "config", model_or_config)
     plan = architecture.projection_plan(config)
     attention = {p.rpartition(".")[0] for p in plan if p.rpartition(".")[2] in architecture.QKV}

@@ -44,7 +44,7 @@ PACKED = {"gate_up_proj": 2}  # fused MLP projections: gate rows then up rows
 class Slice:
     """Where a group's index ``i`` lands in parameter ``param`` (a ``named_parameters`` name): positions
     ``start + i·unit`` … ``start + (i+1)·unit − 1`` of dimension ``dim``. ``norm``: an RMSNorm weight normalising
-    over that dimension (its kept entries are rescaled, see ``minigpt.surgery``)."""
+    over that dimension (its kept entries are rescaled, see ``minigpt.models.surgery``)."""
 
     param: str
     dim: int

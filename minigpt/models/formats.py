@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from minigpt import adapters
+from minigpt.models import adapters
 
 DECILM_FAMILY = ("llama", "nemotron-nas")
 DECILM_AUTO_MAP = {"AutoConfig": "modeling_minigpt.DeciLMConfig",

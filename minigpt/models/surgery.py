@@ -4,7 +4,7 @@ Every cut parameter is copied once by one ``gather`` call (a second call for par
 e.g. ``down_proj`` losing neurons and hidden channels); the parameters keep their identity (``param.data`` is
 replaced), so tied embeddings stay tied. Then blocks are dropped, module attributes and the config updated.
 ``cuts`` gives what happens to each parameter as data (kept positions per dimension, then rescales): the
-out-of-core path (``minigpt.sharded``) applies the same cuts to one stored tensor at a time.
+out-of-core path (``minigpt.pipeline.sharded``) applies the same cuts to one stored tensor at a time.
 
 RMSNorm rule: a norm over a cut dimension divides by the RMS over *all* its channels, so removing ``n − n'`` of
 ``n`` channels that are exactly zero multiplies the RMS by ``√(n'/n)``: the kept weights are multiplied by
@@ -23,8 +23,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from minigpt.architecture import Architecture, Group, describe, norm_offset, text_config
 from minigpt.errors import MiniGPTError
+from minigpt.models.architecture import Architecture, Group, describe, norm_offset, text_config
 
 WIDTH_KEYS = ("intermediate_size", "ffn_dim", "n_inner")
 HIDDEN_KEYS = ("hidden_size", "word_embed_proj_dim")
@@ -292,6 +292,6 @@ def shrink(model, kept: Kept, gather) -> None:
         _set_head_dim(model, cfg, arch.layers[0].head_dim, before)
     if kept.layers is not None:
         _drop_layers(model, arch, kept.layers)
-    from minigpt.modeling_minigpt import sync_shapes  # builds transformers classes: imported when used
+    from minigpt.models.modeling_minigpt import sync_shapes  # builds transformers classes: imported when used
 
     sync_shapes(model)

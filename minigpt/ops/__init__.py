@@ -4,7 +4,7 @@ Each op has one schema (``SCHEMAS``) and one fake (shape-only) implementation, s
 call as one opaque node (no graph break) and ``torch.library.opcheck`` can test every backend. A backend is a
 namespace of registrations of those same schemas (``NAMESPACES``):
 
-* ``torch``  – ``torch.ops.minigpt_torch.*``: ``minigpt.reference`` (plain PyTorch, every device): the definition.
+* ``torch``  – ``torch.ops.minigpt_torch.*``: ``minigpt.ops.reference`` (plain PyTorch, every device): the definition.
 * ``cpp``    – ``torch.ops.minigpt.*`` on CPU tensors: the C++ kernels of ``minigpt._C`` (``csrc/cpu``), registered
   per device with ``TORCH_LIBRARY_IMPL``.
 * ``cuda``   – the same ``torch.ops.minigpt.*`` on CUDA tensors (``csrc/cuda``), built only with CUDA torch.
@@ -25,7 +25,7 @@ import re
 
 import torch
 
-from minigpt import reference
+from minigpt.ops import reference
 
 log = logging.getLogger("minigpt")
 
@@ -157,7 +157,7 @@ def get_op(name: str, backend: str) -> torch._ops.OpOverloadPacket:
 
 def act_stats(gate, up, act, acc, nnz, backend: str = "auto"):
     """h = act(gate) * up with Σ|h|, Σh², max|h| into ``acc: (3, N)`` and active-token counts into ``nnz: (N,)``
-    (``minigpt.reference`` defines both)."""
+    (``minigpt.ops.reference`` defines both)."""
     op = get_op("act_stats", resolve_backend(backend, gate.device))
     return op(gate, up, act, reference.active_min(act), acc, nnz)
 
@@ -171,7 +171,7 @@ def token_histogram(ids, mask, counts, backend: str = "auto") -> None:
     """Add counts of ``ids`` where ``mask`` (or everywhere, if None) into int64 ``counts: (V,)``.
 
     On a GPU no backend synchronises to check the ids: one outside [0, V) is not counted (the counts then sum short
-    of the tokens, which ``minigpt.calibration`` checks at its checkpoints); on the CPU it raises.
+    of the tokens, which ``minigpt.pipeline.calibration`` checks at its checkpoints); on the CPU it raises.
     """
     get_op("token_histogram", resolve_backend(backend, ids.device))(ids, mask, counts)
 

@@ -22,8 +22,8 @@ from statistics import NormalDist
 
 import torch
 
-from minigpt.data import iter_token_ids
 from minigpt.errors import MiniGPTError
+from minigpt.pipeline.data import iter_token_ids
 
 log = logging.getLogger("minigpt")
 DOC_TOKENS = 256

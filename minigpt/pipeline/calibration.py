@@ -10,10 +10,13 @@ import types
 
 import torch
 
-from minigpt import adapters, distributed, ops, reference, taps
-from minigpt.data import LARGE_FILE_BYTES, Batches, resolve_files, text_pieces
+from minigpt import ops
 from minigpt.errors import MiniGPTError
-from minigpt.stats import CalibrationStats, check_fingerprint, content_hash, fingerprint
+from minigpt.models import adapters
+from minigpt.ops import reference
+from minigpt.pipeline import distributed, taps
+from minigpt.pipeline.data import LARGE_FILE_BYTES, Batches, resolve_files, text_pieces
+from minigpt.pipeline.stats import CalibrationStats, check_fingerprint, content_hash, fingerprint
 
 log = logging.getLogger("minigpt")
 

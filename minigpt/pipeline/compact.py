@@ -9,12 +9,13 @@ from pathlib import Path
 
 import torch
 
-from minigpt import adapters, formats, ops, surgery
+from minigpt import ops
 from minigpt.errors import MiniGPTError
 from minigpt.io import atomic_dir, save_model
-from minigpt.planning import PruningPlan
-from minigpt.stats import check_fingerprint, fingerprint
-from minigpt.trust import REMOTE_CODE, remote_code_text
+from minigpt.models import adapters, formats, surgery
+from minigpt.models.trust import REMOTE_CODE, remote_code_text
+from minigpt.pipeline.planning import PruningPlan
+from minigpt.pipeline.stats import check_fingerprint, fingerprint
 
 
 def compact(model, plan: PruningPlan, backend: str = "auto"):
@@ -67,11 +68,11 @@ def save_pruned(model, tokenizer, out: str | os.PathLike, plan: PruningPlan | No
     ``out`` only with ``overwrite``, replaced as a whole once the new one is complete).
 
     Shapes the stock config expresses load with stock ``from_pretrained``. Llama-family models whose only per-layer
-    differences are MLP widths are saved in the Nemotron-NAS format that vLLM also runs (``minigpt.formats``). Other
+    differences are MLP widths are saved in the Nemotron-NAS format that vLLM also runs (``minigpt.models.formats``). Other
     shapes (per-layer widths or head counts, GPT-2 / OPT heads) add ``modeling_minigpt.py`` and an ``auto_map`` so
     ``from_pretrained(out, trust_remote_code=True)`` (and ``minigpt.load_model``) rebuild them.
     ``write_weights(dir)`` writes the weights instead of ``save_pretrained`` (out-of-core compaction of a
-    meta-device ``model``, see ``minigpt.sharded``); config, generation config and tokenizer are saved as usual.
+    meta-device ``model``, see ``minigpt.pipeline.sharded``); config, generation config and tokenizer are saved as usual.
     """
     out = Path(out).resolve()
     if source is not None and Path(source).resolve() in (out, *out.parents):

@@ -25,10 +25,10 @@ from __future__ import annotations
 
 import torch
 
-from minigpt import adapters
-from minigpt.architecture import describe, output_projection
 from minigpt.errors import MiniGPTError
-from minigpt.stats import CalibrationStats
+from minigpt.models import adapters
+from minigpt.models.architecture import describe, output_projection
+from minigpt.pipeline.stats import CalibrationStats
 
 METHODS = ("none", "bias", "lstsq")
 DAMPING = 0.01

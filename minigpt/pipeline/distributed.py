@@ -13,7 +13,7 @@ import torch
 import torch.distributed as dist
 
 from minigpt.errors import MiniGPTError
-from minigpt.stats import CalibrationStats
+from minigpt.pipeline.stats import CalibrationStats
 
 
 def launched() -> bool:
@@ -81,9 +81,10 @@ def all_reduce_stats(stats: CalibrationStats) -> CalibrationStats:
     split = lambda t, sizes: [part.clone() for part in t.cpu().split(sizes)]  # own storage, as save_file wants
     split_sums = split(sums, widths * 2)
     split_counts = split(counts, [*widths, stats.token_counts.numel(), 1])
-    names = sorted(stats.sums)  # heads, hidden channels, layers (minigpt.taps): one more sum
+    names = sorted(stats.sums)  # heads, hidden channels, layers (minigpt.pipeline.taps): one more sum
     extra = split(all_sum_tensor(flat([stats.sums[k] for k in names])), [stats.sums[k].numel() for k in names]) \
         if names else []
+    extra = [part.view(stats.sums[k].shape) for part, k in zip(extra, names)]  # the attention Gram is 2-D
     return CalibrationStats(
         sum_abs=split_sums[:n], sum_sq=split_sums[n:], max_abs=split(maxima, widths),
         nonzero=split_counts[:n], token_counts=split_counts[n], tokens=int(split_counts[n + 1]),

@@ -7,8 +7,9 @@ import math
 import torch
 from torch import nn
 
-from minigpt import adapters, moe
-from minigpt.data import document_window, iter_texts, iter_token_ids, resolve_files
+from minigpt.models import adapters
+from minigpt.pipeline import moe
+from minigpt.pipeline.data import document_window, iter_texts, iter_token_ids, resolve_files
 
 
 def parameter_counts(model) -> dict[str, int]:

@@ -21,9 +21,9 @@ from __future__ import annotations
 
 import torch
 
-from minigpt import adapters
 from minigpt.errors import MiniGPTError
-from minigpt.stats import CalibrationStats, check_fingerprint
+from minigpt.models import adapters
+from minigpt.pipeline.stats import CalibrationStats, check_fingerprint
 
 STATS_METRICS = ("l1", "l2", "max", "freq")
 WEIGHT_METRICS = ("maw", "maw-minmax")
@@ -106,3 +106,22 @@ def scores(metric: str, stats: CalibrationStats | None = None, model=None,
     if metric == "random":
         return random_scores(stats.fingerprint["mlp_widths"] if stats is not None else adapters.widths(model), seed)
     return stats_scores(stats, metric)
+
+
+def magnitude_scores(model) -> list[torch.Tensor]:
+    """Per-layer neuron scores: L2 norm of every weight touching the neuron (rows of gate/up, columns of down).
+
+    Returns one ``(N,)`` tensor per layer."""
+    layout = adapters.get_layout(model)
+    out = []
+    for mlp in adapters.mlps(model):
+        sq = 0.0
+        for side, names in (("rows", layout.rows), ("cols", layout.cols)):
+            for name in names:
+                w = getattr(mlp, name).weight.detach().float()
+                part = w.pow(2).sum(dim=1 - adapters.neuron_dim(layout, side))
+                if side == "rows" and layout.packed:  # a fused gate_up: neuron j is rows j and N+j
+                    part = part.view(2, -1).sum(0)
+                sq = sq + part
+        out.append(sq.sqrt().double().cpu())
+    return out

@@ -29,7 +29,7 @@ from torch import nn
 
 from minigpt import ops
 from minigpt.errors import MiniGPTError
-from minigpt.stats import check_fingerprint, content_hash
+from minigpt.pipeline.stats import check_fingerprint, content_hash
 
 MOE_TYPES = ("mixtral", "olmoe", "qwen2_moe", "qwen3_moe")
 CRITERIA = ("freq", "mass")  # routing frequency (top-k selections) or routing-weight mass

@@ -1,5 +1,5 @@
 """Expert statistics over a corpus: streamed (``moe.collect``), summed over ``torchrun`` ranks, checkpointed and
-resumed like the dense calibration (``minigpt.calibration``)."""
+resumed like the dense calibration (``minigpt.pipeline.calibration``)."""
 
 from __future__ import annotations
 
@@ -8,15 +8,15 @@ import os
 import torch
 
 from minigpt.errors import MiniGPTError
-from minigpt.moe import MAXIMA, MoEStats, collect, fingerprint
-from minigpt.stats import check_fingerprint, content_hash
+from minigpt.pipeline.moe import MAXIMA, MoEStats, collect, fingerprint
+from minigpt.pipeline.stats import check_fingerprint, content_hash
 
 
 def all_reduce(stats: MoEStats) -> MoEStats:
     """Every rank's statistics summed (maxima: the max), in place on every rank; unchanged without a process group."""
     import torch.distributed as dist
 
-    from minigpt import distributed
+    from minigpt.pipeline import distributed
 
     if not dist.is_initialized():
         return stats
@@ -68,8 +68,8 @@ def calibrate_moe(model, tokenizer, data=None, *, max_tokens: int | None = 16384
     """
     import itertools
 
-    from minigpt import distributed
-    from minigpt.data import Batches, resolve_files
+    from minigpt.pipeline import distributed
+    from minigpt.pipeline.data import Batches, resolve_files
 
     rank, world = distributed.rank_world()
     files = resolve_files(data)

@@ -1,5 +1,5 @@
 """Out-of-core expert pruning: a mixture-of-experts safetensors checkpoint rewritten shard by shard with
-``minigpt.sharded``'s reader and writer, whole experts and the neurons inside experts dropped one tensor at a time;
+``minigpt.pipeline.sharded``'s reader and writer, whole experts and the neurons inside experts dropped one tensor at a time;
 the model is never loaded (a meta-device skeleton gives the config and the plan's shapes).
 
 Stored layouts, per sparse block ``layers.L.{mlp,block_sparse_moe}.``: the router ``gate.weight: (E, H)``; experts
@@ -19,9 +19,9 @@ from pathlib import Path
 
 import torch
 
-from minigpt import moe
 from minigpt.errors import MiniGPTError
-from minigpt.sharded import INDEX, shards, skeleton, write_shard
+from minigpt.pipeline import moe
+from minigpt.pipeline.sharded import INDEX, shards, skeleton, write_shard
 
 _BLOCK = re.compile(r"^(?P<head>.*\.layers\.(?P<layer>\d+)\.(?:mlp|block_sparse_moe)\.)(?P<rest>.+)$")
 _EXPERT = re.compile(r"^experts\.(?P<expert>\d+)\.(?P<proj>w1|w2|w3|gate_proj|up_proj|down_proj)\.weight$")
@@ -97,7 +97,7 @@ def prune_checkpoint(src: str | os.PathLike, out: str | os.PathLike, stats: moe.
     """Prune the MoE checkpoint ``src`` into the new directory ``out`` from expert statistics ``stats``, never
     loading it; the same plan, config and weights as ``moe.plan_moe`` + ``moe.prune_moe`` in memory. Returns
     ``(out, plan, report)``; the report holds the weight bytes before and after."""
-    from minigpt.compact import save_pruned
+    from minigpt.pipeline.compact import save_pruned
 
     src = Path(src)
     found, index = shards(src)

@@ -4,7 +4,7 @@ Normalised mean L1 (the paper's threshold). For layer ``l`` and neuron ``j`` wit
 ``T`` calibration tokens, ``m_j = Σ|a_j| / T`` (mean |activation|) and the normalised score is
 ``s_j = m_j / max_k m_k`` (the layer's most active neuron scores 1). ``--threshold ε`` removes neurons with
 ``s_j < ε``: ε = 1e-3 (the paper's mild setting) removes neurons under 0.1 % of the layer's strongest mean
-activation, ε = 1e-1 (aggressive) those under 10 %. Every metric (``minigpt.importance``) is normalised the same way, so a
+activation, ε = 1e-1 (aggressive) those under 10 %. Every metric (``minigpt.pipeline.importance``) is normalised the same way, so a
 global ratio ranks neurons of all layers on one scale. ``reverse`` removes the *highest*-scoring fraction instead
 (the reverse-pruning experiment).
 """
@@ -19,10 +19,10 @@ from pathlib import Path
 
 import torch
 
-from minigpt import importance
 from minigpt.errors import MiniGPTError
-from minigpt.stats import CalibrationStats
-from minigpt.stats import fingerprint as model_fingerprint
+from minigpt.pipeline import importance
+from minigpt.pipeline.stats import CalibrationStats
+from minigpt.pipeline.stats import fingerprint as model_fingerprint
 
 
 def normalise(layer_scores: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -44,8 +44,8 @@ class PruningPlan:
     layers: list[int] | None = None  # kept decoder blocks
 
     def structures(self):
-        """What ``minigpt.surgery`` removes (MLP neurons only where some layer loses one)."""
-        from minigpt.surgery import Kept
+        """What ``minigpt.models.surgery`` removes (MLP neurons only where some layer loses one)."""
+        from minigpt.models.surgery import Kept
 
         mlp = self.kept if self.kept_widths != self.widths else None
         return Kept(mlp=mlp, heads=self.heads, hidden=self.hidden, layers=self.layers)
@@ -175,7 +175,7 @@ def plan(
     reference: CalibrationStats | None = None,
     seed: int = 0,
 ) -> PruningPlan:
-    """Pruning plan by ``metric`` (``minigpt.importance``) from ``stats``, the ``model``'s weights or both.
+    """Pruning plan by ``metric`` (``minigpt.pipeline.importance``) from ``stats``, the ``model``'s weights or both.
 
     ``reference``: statistics of another corpus (``selectivity``); ``seed``: the ``random`` baseline's generator.
     """

@@ -1,6 +1,6 @@
 """``Policy``: how much of every structure to remove, validated once; the plans of heads, hidden channels and layers.
 
-Scores (from ``CalibrationStats.sums``, ``minigpt.taps``), lowest removed first:
+Scores (from ``CalibrationStats.sums``, ``minigpt.pipeline.taps``), lowest removed first:
 
 * query head h of layer l: mean ‖o_h‖ over tokens. ``heads = r`` removes ``round(r·G)`` heads inside every KV
   group of ``G`` query heads (the config stays stock: H' stays a multiple of K); with ``kv_groups`` it removes
@@ -13,7 +13,7 @@ Scores (from ``CalibrationStats.sums``, ``minigpt.taps``), lowest removed first:
 ``heads_scope = "global"`` removes ``round(r·U)`` of all ``U`` units (KV groups with ``kv_groups``, otherwise one
 query head of every KV group of a layer) where removing them costs least over all layers, each layer keeping one:
 the unit's structured OBS cost on the attention output projection (the increase of E‖o_proj output error‖² when
-it goes and the rest is refitted, ``minigpt.compensate.head_costs``), from the Gram statistics of o_proj's input,
+it goes and the rest is refitted, ``minigpt.pipeline.compensate.head_costs``), from the Gram statistics of o_proj's input,
 divided by the mean ‖residual‖² entering the layer (the norms downstream see the error relative to the residual,
 which grows by orders of magnitude over SmolLM2's depth: unscaled, its first layers' heads looked cheapest).
 
@@ -35,10 +35,10 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from minigpt import surgery
-from minigpt.architecture import describe
 from minigpt.errors import MiniGPTError
-from minigpt.planning import auto_multiple
+from minigpt.models import surgery
+from minigpt.models.architecture import describe
+from minigpt.pipeline.planning import auto_multiple
 
 
 @dataclass(frozen=True)
@@ -144,9 +144,9 @@ def residual_scale(stats) -> torch.Tensor:
 def kept_heads_global(model, stats, ratio: float, kv_groups: bool) -> list[list[int]]:
     """Per layer, the query heads kept when ``round(ratio · units)`` units (``head_units``) are removed where
     removing them costs least over all layers: each unit's structured OBS cost on the attention output
-    projection (``minigpt.compensate.head_costs``: a KV group's joint cost; a unit of query heads, the sum of
+    projection (``minigpt.pipeline.compensate.head_costs``: a KV group's joint cost; a unit of query heads, the sum of
     theirs) relative to the layer's residual (``residual_scale``), every layer keeping at least one unit."""
-    from minigpt.compensate import head_costs
+    from minigpt.pipeline.compensate import head_costs
 
     arch = describe(model)
     scale = residual_scale(stats)
@@ -261,7 +261,7 @@ def item_params(model, group) -> int:
 def heads_share(stats, model, remove: float) -> float:
     """The fraction of KV groups the ``target_params`` rule removes (module doc): the KV groups among the units
     of lowest cost per parameter, walking up until ``remove`` parameters are reached."""
-    from minigpt.compensate import head_costs, neuron_costs
+    from minigpt.pipeline.compensate import head_costs, neuron_costs
 
     arch = describe(model)
     scale = residual_scale(stats)

@@ -2,16 +2,16 @@
 
 from __future__ import annotations
 
-from minigpt import importance
-from minigpt.calibration import calibrate
-from minigpt.compact import compact
-from minigpt.compensate import DAMPING, compensate_heads, mark_mlp_bias, obs_kept
-from minigpt.compensate import compensate as compensate_model
 from minigpt.errors import MiniGPTError
-from minigpt.importance import NEEDS_STATS
-from minigpt.planning import PruningPlan, plan
-from minigpt.policy import Policy, allocate, structure_plan
-from minigpt.stats import CalibrationStats, check_fingerprint, fingerprint
+from minigpt.pipeline import importance
+from minigpt.pipeline.calibration import calibrate
+from minigpt.pipeline.compact import compact
+from minigpt.pipeline.compensate import DAMPING, compensate_heads, mark_mlp_bias, obs_kept
+from minigpt.pipeline.compensate import compensate as compensate_model
+from minigpt.pipeline.importance import NEEDS_STATS
+from minigpt.pipeline.planning import PruningPlan, plan
+from minigpt.pipeline.policy import Policy, allocate, structure_plan
+from minigpt.pipeline.stats import CalibrationStats, check_fingerprint, fingerprint
 
 
 def prune(
@@ -44,9 +44,9 @@ def prune(
     (``calibration`` holds ``calibrate`` keyword arguments); weight-only metrics and ``random`` need neither.
     ``selectivity`` also needs ``reference`` statistics or ``reference_data`` to calibrate them on.
     ``ratio=0.2`` removes 20 % of every layer's neurons (``ratio=0`` none, without calibrating); ``reverse`` removes
-    the highest-scoring ones. ``policy`` (``minigpt.policy.Policy``) replaces the MLP keywords and adds heads,
+    the highest-scoring ones. ``policy`` (``minigpt.pipeline.policy.Policy``) replaces the MLP keywords and adds heads,
     hidden channels, layers and the ``target_params`` budget.
-    ``select="obs"``: the metric sets how many neurons each layer keeps, greedy OBS which (``minigpt.compensate``);
+    ``select="obs"``: the metric sets how many neurons each layer keeps, greedy OBS which (``minigpt.pipeline.compensate``);
     ``compensate`` (none, bias, lstsq) refits each down_proj on the kept neurons. Both need Gram statistics
     (calibrated here with them when ``stats`` is not given).
     """
@@ -111,11 +111,11 @@ def prune_vocabulary(model, tokenizer, token_counts, *, min_count: int | None = 
     """Drop tokens seen fewer than ``min_count`` times (keeping specials, bytes and merge-closure), in place.
 
     ``min_size`` keeps at least that many tokens (the most frequent of the rest are added back). ``keep_ids``: a
-    kept set already chosen (``minigpt.vocab_size.choose_vocab``) instead of the count rule.
+    kept set already chosen (``minigpt.pipeline.vocab_size.choose_vocab``) instead of the count rule.
 
     Returns ``(new_tokenizer, kept_ids, report)``; ``kept_ids`` are the old ids in their new order.
     """
-    from minigpt import vocab
+    from minigpt.pipeline import vocab
 
     keep = keep_ids if keep_ids is not None else vocab.plan_vocab(
         tokenizer, token_counts, min_count=1 if min_count is None else min_count, always_keep=always_keep,

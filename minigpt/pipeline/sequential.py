@@ -12,15 +12,16 @@ from __future__ import annotations
 
 import torch
 
-from minigpt import adapters, ops
-from minigpt.calibration import _LayerAccumulator, input_device
-from minigpt.compact import compact
-from minigpt.compensate import DAMPING, bias_slot, compensate_layer, mark_mlp_bias, moments, obs_keep
-from minigpt.data import Batches, resolve_files
+from minigpt import ops
 from minigpt.errors import MiniGPTError
-from minigpt.importance import STATS_METRICS, stats_scores
-from minigpt.planning import PruningPlan, plan_from_scores
-from minigpt.stats import CalibrationStats, fingerprint
+from minigpt.models import adapters
+from minigpt.pipeline.calibration import _LayerAccumulator, input_device
+from minigpt.pipeline.compact import compact
+from minigpt.pipeline.compensate import DAMPING, bias_slot, compensate_layer, mark_mlp_bias, moments, obs_keep
+from minigpt.pipeline.data import Batches, resolve_files
+from minigpt.pipeline.importance import STATS_METRICS, stats_scores
+from minigpt.pipeline.planning import PruningPlan, plan_from_scores
+from minigpt.pipeline.stats import CalibrationStats, fingerprint
 
 
 @torch.inference_mode()

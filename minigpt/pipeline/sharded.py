@@ -3,7 +3,7 @@
 The model is built on the meta device from its config (shapes only), planned and compacted there; then every
 shard is rewritten one tensor at a time: a positioned read of that tensor's bytes (so resident memory holds
 that tensor, not a whole-file map whose touched pages would all count), the plan's cuts of that parameter applied
-(``minigpt.surgery.cuts``: MLP neurons, heads, hidden channels, with the RMSNorm and embedding rescales), and the
+(``minigpt.models.surgery.cuts``: MLP neurons, heads, hidden channels, with the RMSNorm and embedding rescales), and the
 bytes streamed into a new shard of the same name whose header is computed beforehand. Removed layers' tensors are
 left out and the remaining blocks renumbered in the shard keys and the index (a shard left empty is not written).
 Peak memory is about two tensors (the largest projection and its pruned copy), not the model. The new directory
@@ -23,12 +23,20 @@ from pathlib import Path
 
 import torch
 
-from minigpt import adapters, surgery
-from minigpt.architecture import describe, find_blocks, output_projection
-from minigpt.compensate import (DAMPING, add_mlp_biases, bias_slot, head_columns, head_moments, mark_mlp_bias, moments,
-                                refit)
 from minigpt.errors import MiniGPTError
-from minigpt.trust import needs_remote_code
+from minigpt.models import adapters, surgery
+from minigpt.models.architecture import describe, find_blocks, output_projection
+from minigpt.models.trust import needs_remote_code
+from minigpt.pipeline.compensate import (
+    DAMPING,
+    add_mlp_biases,
+    bias_slot,
+    head_columns,
+    head_moments,
+    mark_mlp_bias,
+    moments,
+    refit,
+)
 
 INDEX = "model.safetensors.index.json"
 DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -131,7 +139,7 @@ def shards(src: Path) -> tuple[list[Shard], dict | None]:
 def skeleton(src: Path, trust_remote_code: bool = False):
     """``(model, tokenizer)``: the model of ``src``'s config on the meta device (shapes, no memory), its tokenizer.
 
-    ``src``'s own code runs only under ``minigpt.trust``'s rule (``trust_remote_code``: the user allows any)."""
+    ``src``'s own code runs only under ``minigpt.models.trust``'s rule (``trust_remote_code``: the user allows any)."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     if not (src / "config.json").is_file():
@@ -166,8 +174,8 @@ def layer_renames(model, kept_layers: list[int] | None) -> Callable[[str], str |
 class Refit:
     """Out-of-core compensation: each layer's output projections refitted on what they keep when first read, as
     in memory before compaction (then the same cuts apply): down_proj on the kept neurons
-    (``minigpt.compensate.compensate_layer``) and, when ``heads`` are given, o_proj on the kept heads' columns
-    (``minigpt.compensate.compensate_heads``).
+    (``minigpt.pipeline.compensate.compensate_layer``) and, when ``heads`` are given, o_proj on the kept heads' columns
+    (``minigpt.pipeline.compensate.compensate_heads``).
 
     ``source(name, t)`` gives a stored tensor's value before its cut; ``added`` the bias tensors compensation
     creates (the ``mlp_bias`` slot: zero gate/up biases and the fitted down bias), each placed after its weight.
@@ -241,7 +249,7 @@ def prune_checkpoint(src: str | os.PathLike, out: str | os.PathLike, *, stats=No
                      compensate: str = "none", damping: float = DAMPING):
     """Prune the safetensors checkpoint ``src`` into the new directory ``out`` without loading it.
 
-    Give a ``pruning_plan``, or ``stats`` with an activation ``metric`` and a ``minigpt.policy.Policy`` (every
+    Give a ``pruning_plan``, or ``stats`` with an activation ``metric`` and a ``minigpt.pipeline.policy.Policy`` (every
     structure: MLP neurons, heads, hidden channels, layers; ``target_params``). The plan is made and applied on
     the meta-device model, its per-parameter ``surgery.cuts`` then applied to each stored tensor, removed blocks'
     tensors left out and the rest renumbered: the tensors of in-memory pruning. ``compensate`` (bias, lstsq) refits
@@ -250,9 +258,9 @@ def prune_checkpoint(src: str | os.PathLike, out: str | os.PathLike, *, stats=No
     shard is checked before anything is written; returns ``(out, plan, report)``, the report holding the weight
     bytes before and after.
     """
-    from minigpt.compact import save_pruned
-    from minigpt.importance import STATS_METRICS
-    from minigpt.pipeline import prune
+    from minigpt.pipeline.compact import save_pruned
+    from minigpt.pipeline.importance import STATS_METRICS
+    from minigpt.pipeline.prune import prune
 
     src = Path(src)
     found, index = shards(src)

@@ -9,10 +9,10 @@ from dataclasses import dataclass, field
 
 import torch
 
-from minigpt import adapters
 from minigpt.errors import MiniGPTError
+from minigpt.models import adapters
 
-FORMAT_VERSION = 2  # 2: ``sums`` of heads, hidden channels and layers (``minigpt.taps``), optional Gram statistics
+FORMAT_VERSION = 2  # 2: ``sums`` of heads, hidden channels and layers (``minigpt.pipeline.taps``), optional Gram statistics
 READABLE_VERSIONS = (1, 2)  # version 1 files (neither) still load
 _VOLATILE_CONFIG_KEYS = {"transformers_version", "_name_or_path", "torch_dtype", "dtype", "architectures", "auto_map"}
 
@@ -67,7 +67,7 @@ class CalibrationStats:
     tokens: int
     fingerprint: dict
     meta: dict = field(default_factory=dict)
-    sums: dict[str, torch.Tensor] = field(default_factory=dict)  # float64 sums of other structures (minigpt.taps),
+    sums: dict[str, torch.Tensor] = field(default_factory=dict)  # float64 sums of other structures (minigpt.pipeline.taps),
     # with the attention output projections' Gram statistics over the same ``gram_tokens`` when ``gram`` is set
     gram: list[torch.Tensor] | None = None
     gram_sum: list[torch.Tensor] | None = None

@@ -12,7 +12,7 @@ Sums only (so merging, resuming and torchrun add them like the MLP sums), in ``C
   and the ``target_params`` rule measure a layer's output error against;
 * ``heads.{l}.gram`` / ``heads.{l}.gram_sum``: (H_l·d, H_l·d) Σ o oᵀ and (H_l·d,) Σ o of the whole input ``o``
   of layer l's output projection, over the batches the MLP Gram statistics take (``gram_tokens``), only when
-  those are collected: what the attention refit (``minigpt.compensate.compensate_heads``) and the head OBS
+  those are collected: what the attention refit (``minigpt.pipeline.compensate.compensate_heads``) and the head OBS
   costs read.
 """
 
@@ -23,7 +23,7 @@ import contextlib
 import torch
 
 from minigpt import ops
-from minigpt.architecture import describe, output_projection
+from minigpt.models.architecture import describe, output_projection
 
 
 class _Sums:

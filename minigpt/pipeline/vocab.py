@@ -374,7 +374,7 @@ def corpus_token_counts(tokenizer, data, max_tokens: int, size: int, text_field:
     """
     from tqdm.auto import tqdm
 
-    from minigpt.data import Batches, resolve_files
+    from minigpt.pipeline.data import Batches, resolve_files
 
     counts = torch.zeros(size, dtype=torch.long)
     batches = Batches(tokenizer, resolve_files(data), seq_len=1024, batch_size=16, max_tokens=max_tokens,

@@ -16,8 +16,8 @@ import random
 
 import torch
 
-from minigpt import vocab
-from minigpt.evaluation import documents_after
+from minigpt.pipeline import vocab
+from minigpt.pipeline.evaluation import documents_after
 
 MAX_INCREASE = 0.01
 """Default bound on the held-out bits-per-byte increase (``--max-bpb-increase``)."""

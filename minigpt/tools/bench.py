@@ -8,7 +8,7 @@ Model specs: a saved directory or ``.gguf`` file, ``default`` (SmolLM2-135M), or
 suffixed ``@RATIO[/MULTIPLE]``: remove that fraction of every layer's MLP neurons (uniform), kept widths rounded
 up to MULTIPLE. The neurons removed are those with the smallest weight magnitude (L2 norm of all weights
 touching the neuron); speed and memory depend only on the widths, not on which neurons go. ``@params=KEEP``
-instead keeps that fraction of the parameters by ``prune --target-params``'s rule (``minigpt.policy``: MLP
+instead keeps that fraction of the parameters by ``prune --target-params``'s rule (``minigpt.pipeline.policy``: MLP
 neurons and query heads), ranked by statistics of two seeded random-token sequences of 256 (``budget_prune``).
 
 Memory: on CUDA ``torch.cuda.max_memory_allocated`` over the call (``peak_bytes``, weights included) and its
@@ -20,11 +20,9 @@ be missed, and memory the allocator already held is not counted as an increase.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import ctypes
 import gc
-import json
 import platform
 import re
 import threading
@@ -34,9 +32,11 @@ from pathlib import Path
 
 import torch
 
-from minigpt import adapters, moe
 from minigpt.errors import MiniGPTError
-from minigpt.evaluation import parameter_counts, weight_bytes
+from minigpt.models import adapters
+from minigpt.pipeline import moe
+from minigpt.pipeline.evaluation import parameter_counts, weight_bytes
+from minigpt.pipeline.importance import magnitude_scores
 
 _LLAMA3 = {"num_attention_heads": 32, "num_key_value_heads": 8, "vocab_size": 128256, "rms_norm_eps": 1e-5,
            "max_position_embeddings": 131072, "rope_theta": 500000.0, "bos_token_id": 128000, "eos_token_id": 128001}
@@ -97,32 +97,13 @@ def expand_ablation(specs: list[ModelSpec], multiples: list[int]) -> list[ModelS
     return out
 
 
-def magnitude_scores(model) -> list[torch.Tensor]:
-    """Per-layer neuron scores: L2 norm of every weight touching the neuron (rows of gate/up, columns of down).
-
-    Returns one ``(N,)`` tensor per layer."""
-    layout = adapters.get_layout(model)
-    out = []
-    for mlp in adapters.mlps(model):
-        sq = 0.0
-        for side, names in (("rows", layout.rows), ("cols", layout.cols)):
-            for name in names:
-                w = getattr(mlp, name).weight.detach().float()
-                part = w.pow(2).sum(dim=1 - adapters.neuron_dim(layout, side))
-                if side == "rows" and layout.packed:  # a fused gate_up: neuron j is rows j and N+j
-                    part = part.view(2, -1).sum(0)
-                sq = sq + part
-        out.append(sq.sqrt().double().cpu())
-    return out
-
-
 def load(spec: ModelSpec, device: str, dtype: torch.dtype, trust_remote_code: bool = False):
     """The model of ``spec`` on ``device`` in ``dtype``, pruned when the spec says so."""
     from transformers import AutoModelForCausalLM, LlamaConfig
 
     from minigpt.io import load_model
-    from minigpt.pipeline import prune
-    from minigpt.planning import plan_from_scores
+    from minigpt.pipeline.planning import plan_from_scores
+    from minigpt.pipeline.prune import prune
 
     if spec.base in NAMED_CONFIGS:
         torch.manual_seed(0)
@@ -147,10 +128,10 @@ def load(spec: ModelSpec, device: str, dtype: torch.dtype, trust_remote_code: bo
 def budget_prune(model, keep: float, multiple: int = 1):
     """``model`` pruned to ``keep`` of its parameters by the ``target_params`` rule, ranked by the statistics of two
     seeded random-token sequences of 256 (which neurons and heads go does not change speed or memory)."""
-    from minigpt.calibration import run_batches
-    from minigpt.pipeline import prune
-    from minigpt.policy import Policy
-    from minigpt.stats import CalibrationStats, fingerprint
+    from minigpt.pipeline.calibration import run_batches
+    from minigpt.pipeline.policy import Policy
+    from minigpt.pipeline.prune import prune
+    from minigpt.pipeline.stats import CalibrationStats, fingerprint
 
     ids = torch.randint(TOKEN_RANGE, (2, 256), generator=torch.Generator().manual_seed(0))
     stats = run_batches(model, [ids], CalibrationStats.empty(fingerprint(model)), progress=False)
@@ -310,10 +291,10 @@ def benchmark(models: list[str | ModelSpec], *, device: str = "cpu", dtype: torc
 
     Returns ``{"meta": ..., "models": [{"spec", ...measure..., "relative"}]}``. ``ablation_multiples`` expands
     each ``BASE@RATIO`` spec into one ``BASE@RATIO/M`` per multiple M. Every model directory passes
-    ``minigpt.trust``'s rule before the first is measured. ``engines`` with ``vllm`` adds each model's
-    vLLM figures under ``"vllm"`` (``minigpt.vllm_bench``; a model pruned here is saved to a temporary directory).
+    ``minigpt.models.trust``'s rule before the first is measured. ``engines`` with ``vllm`` adds each model's
+    vLLM figures under ``"vllm"`` (``minigpt.tools.vllm_bench``; a model pruned here is saved to a temporary directory).
     """
-    from minigpt.trust import needs_remote_code
+    from minigpt.models.trust import needs_remote_code
 
     specs = [m if isinstance(m, ModelSpec) else ModelSpec.parse(m) for m in models]
     if ablation_multiples:
@@ -350,9 +331,9 @@ def _vllm(spec: ModelSpec, model, ids: torch.Tensor, dtype: torch.dtype, setting
     """vLLM figures of one model: its directory as given, or a temporary save of what was built or pruned here."""
     import tempfile
 
-    from minigpt import vllm_bench
-    from minigpt.compact import save_pruned
     from minigpt.io import default_model_path
+    from minigpt.pipeline.compact import save_pruned
+    from minigpt.tools import vllm_bench
 
     if spec.ratio is None and spec.target_params is None and spec.base not in NAMED_CONFIGS:
         path = default_model_path() if spec.base == "default" else Path(spec.base)
@@ -410,7 +391,7 @@ def format_table(report: dict) -> str:
     title = (f"{meta['device']} {meta['gpu'] or meta['processor']}, {meta['dtype']}, {meta['cpu_threads']} threads, "
              f"torch {meta['torch']}, {meta['repeats']} repeats after {meta['warmup']} warm-up; "
              f"decode and generate: {meta['decode_tokens']} tokens after a {lengths[0]}-token prompt")
-    from minigpt.vllm_bench import table as vllm_table
+    from minigpt.tools.vllm_bench import table as vllm_table
 
     parts = [title, _markdown(head, rows), f"Against {models[0]['spec']} (speedup ×, change %):",
              _markdown(rel_head, rel_rows), vllm_table(models, meta)]
@@ -469,60 +450,3 @@ def _grouped(ax, models: list[dict], groups: list[str], values) -> None:
         ax.bar([g + i * width for g in range(len(groups))], values(m), width, label=_label(m))
     ax.set_xticks([g + 0.4 - width / 2 for g in range(len(groups))], groups)
     ax.legend(fontsize=8)
-
-
-def _ints(text: str) -> list[int]:
-    try:
-        return [int(v) for v in text.split(",") if v]
-    except ValueError as err:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from err
-
-
-def add_parser(subparsers) -> argparse.ArgumentParser:
-    """Add the ``bench`` subcommand (handler: ``run``) to ``subparsers``."""
-    from minigpt.cli import DTYPES, add_trust_arg
-
-    p = subparsers.add_parser("bench", help="parameters, memory, latency and throughput of models side by side",
-                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", action="append", required=True,
-                   help="directory, .gguf, 'default' or " + ", ".join(NAMED_CONFIGS) + ", optionally @RATIO[/MULTIPLE];"
-                   " repeat for each model (the first is the reference)")
-    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
-    p.add_argument("--dtype", default="auto", choices=DTYPES, help="default: float32 on CPU, bfloat16 on GPU")
-    p.add_argument("--prompt-lengths", type=_ints, default=[128, 512], help="prefill prompt lengths (default 128,512)")
-    p.add_argument("--batch-sizes", type=_ints, default=[1, 8], help="decode batch sizes (default 1,8)")
-    p.add_argument("--decode-tokens", type=int, default=32, help="tokens decoded per measurement (default 32)")
-    p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--warmup", type=int, default=1)
-    p.add_argument("--ablation-multiples", type=_ints, help="e.g. 1,64,128: each BASE@RATIO model once per multiple")
-    p.add_argument("--engine", nargs="+", default=["transformers"], choices=("transformers", "vllm"),
-                   help="vllm: also measure every model in vLLM (offline LLM.generate), beside transformers")
-    p.add_argument("--json", help="write the report as JSON here")
-    p.add_argument("--markdown", help="write the tables as markdown here")
-    p.add_argument("--plot", help="write a PNG plot here")
-    add_trust_arg(p)
-    p.set_defaults(func=run)
-    return p
-
-
-def run(args) -> None:
-    """The ``bench`` subcommand: measure, print the tables, write the requested files."""
-    from minigpt import vllm_bench
-    from minigpt.cli import _device_dtype
-    from minigpt.io import atomic_file
-
-    if "vllm" in args.engine and not vllm_bench.available():
-        raise MiniGPTError(vllm_bench.INSTALL_HINT)  # before loading any model
-    device, dtype = _device_dtype(args)
-    report = benchmark(args.model, device=device, dtype=dtype, prompt_lengths=args.prompt_lengths,
-                       decode_tokens=args.decode_tokens, batch_sizes=args.batch_sizes, repeats=args.repeats,
-                       warmup=args.warmup, ablation_multiples=args.ablation_multiples,
-                       trust_remote_code=args.trust_remote_code, engines=tuple(args.engine))
-    table = format_table(report)
-    print(table)
-    for path, write in ((args.json, lambda p: p.write_text(json.dumps(report, indent=1))),
-                        (args.markdown, lambda p: p.write_text(table + "\n")), (args.plot, lambda p: plot(report, p))):
-        if path:
-            with atomic_file(path) as tmp:
-                write(tmp)
-            print(f"wrote {path}")

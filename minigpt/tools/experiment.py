@@ -12,7 +12,6 @@ settings redo only the fine-tunes); ``results.md``, ``results.json`` and the plo
 
 from __future__ import annotations
 
-import argparse
 import copy
 import fnmatch
 import json
@@ -22,7 +21,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from minigpt.errors import MiniGPTError
-from minigpt.importance import METRICS, NEEDS_STATS
+from minigpt.pipeline.importance import METRICS, NEEDS_STATS
 
 log = logging.getLogger("minigpt")
 
@@ -122,8 +121,8 @@ class Experiment:
         return self._tokenizer
 
     def stats(self, domain: str):
-        from minigpt.calibration import calibrate
-        from minigpt.stats import CalibrationStats
+        from minigpt.pipeline.calibration import calibrate
+        from minigpt.pipeline.stats import CalibrationStats
 
         path = self.out / "stats" / f"{domain}.safetensors"
         if path.exists():
@@ -146,7 +145,7 @@ class Experiment:
         return ref
 
     def questions(self, domain: str) -> list[dict]:
-        from minigpt.mcq import build_cloze, load_questions, save_questions
+        from minigpt.tools.mcq import build_cloze, load_questions, save_questions
 
         path = self.out / "mcq" / f"{domain}.jsonl"
         if not path.exists():
@@ -156,7 +155,7 @@ class Experiment:
         return load_questions(path)
 
     def perplexity(self, model, domain: str) -> dict:
-        from minigpt.evaluation import perplexity
+        from minigpt.pipeline.evaluation import perplexity
 
         s = self.settings
         r = perplexity(model, self.tokenizer, s.corpora[domain]["heldout"], seq_len=s.eval_seq_len,
@@ -164,7 +163,7 @@ class Experiment:
         return {"perplexity": r["perplexity"], "bits_per_byte": r["bits_per_byte"]}
 
     def mcq(self, model, domain: str) -> dict:
-        from minigpt.mcq import accuracy
+        from minigpt.tools.mcq import accuracy
 
         r = accuracy(model, self.tokenizer, self.questions(domain), normalise=self.settings.mcq_normalise,
                      progress=self.progress)
@@ -172,7 +171,7 @@ class Experiment:
 
     def base(self, domain: str, mcq: bool) -> dict:
         """The unpruned model's perplexity (and MCQ accuracy) on ``domain`` (cached in ``base.json``)."""
-        from minigpt.evaluation import parameter_counts
+        from minigpt.pipeline.evaluation import parameter_counts
 
         path = self.out / "base.json"
         done = json.loads(path.read_text()) if path.exists() else {}
@@ -194,7 +193,7 @@ class Experiment:
 
     def prune(self, cell: Cell):
         """A pruned deep copy of the base model and its plan."""
-        from minigpt.pipeline import prune
+        from minigpt.pipeline.prune import prune
 
         s = self.settings
         stats = self.stats(cell.domain) if cell.method in NEEDS_STATS else None
@@ -204,7 +203,7 @@ class Experiment:
 
     def run_cell(self, cell: Cell, cross: bool, mcq: bool, finetune: bool) -> dict:
         """Prune, evaluate, fine-tune as asked; each finished stage is saved before the next starts."""
-        from minigpt.evaluation import parameter_counts
+        from minigpt.pipeline.evaluation import parameter_counts
 
         path = self.cell_path(cell)
         result = json.loads(path.read_text()) if path.exists() else {}
@@ -231,7 +230,7 @@ class Experiment:
         result["seconds"] = round(result.get("seconds", 0) + time.perf_counter() - start, 1)
         self._write(path.relative_to(self.out), result)
         if finetune:
-            from minigpt.finetune import finetune as run_finetune
+            from minigpt.tools.finetune import finetune as run_finetune
 
             s = self.settings
             corpus = s.corpora[cell.domain]
@@ -251,8 +250,8 @@ class Experiment:
     def _save_model(self, cell: Cell, model, plan, finetune: dict) -> None:
         """Save a fine-tuned cell's model with a report naming the unpruned source (the teacher and target of a
         continued ``minigpt finetune``); it replaces the model of an earlier fine-tune of the cell."""
-        from minigpt.compact import save_pruned
         from minigpt.io import default_model_path
+        from minigpt.pipeline.compact import save_pruned
 
         source = str(self.settings.model or default_model_path())
         report = {"source": source, "cell": cell.id, "finetune": finetune}
@@ -437,63 +436,3 @@ def plot_recovery(report: dict, path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
-
-
-def _floats(text: str) -> list[float]:
-    return [float(x) for x in text.split(",") if x]
-
-
-def add_parser(subparsers) -> argparse.ArgumentParser:
-    """Add the ``experiment`` subcommand (handler: ``run``) to ``subparsers``."""
-    p = subparsers.add_parser("experiment", help="methods × ratios/thresholds × domains → results table and plots",
-                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", required=True, help="sweep directory (created, or resumed when it exists)")
-    p.add_argument("--model", help="HF directory or .gguf (default: SmolLM2-135M-Instruct)")
-    p.add_argument("--domains", nargs="+", default=["stdlib", "pydocs"], help="built-in corpora or paths")
-    p.add_argument("--methods", nargs="+", default=["l1", "selectivity", "random", "maw", "maw-minmax", "wanda"],
-                   choices=METRICS, help="metrics applied at every --ratios value")
-    p.add_argument("--reverse", nargs="*", default=["l1", "selectivity"], choices=METRICS,
-                   help="metrics also run reversed (highest scores removed first)")
-    p.add_argument("--ratios", type=_floats, default=[0.2], help="comma-separated fractions removed (0.2)")
-    p.add_argument("--thresholds", type=_floats, default=[1e-3, 1e-1], help="comma-separated ε (1e-3,1e-1)")
-    p.add_argument("--threshold-methods", nargs="*", default=["l1"], choices=METRICS)
-    p.add_argument("--cross", nargs="*", default=["*/l1/r0.2"], help="cells (glob on ids) evaluated on every domain")
-    p.add_argument("--mcq", nargs="*", default=["*"], help="cells (glob) scored on the cloze MCQ set")
-    p.add_argument("--finetune", nargs="*", default=[], help="cells (glob) recovery-fine-tuned, e.g. stdlib/l1/r0.2")
-    p.add_argument("--calib-tokens", type=int, default=16384)
-    p.add_argument("--calib-doc-tokens", type=int, help="at most this many calibration tokens per document")
-    p.add_argument("--eval-tokens", type=int, default=4096)
-    p.add_argument("--eval-doc-tokens", type=int, help="at most this many held-out tokens per document")
-    p.add_argument("--mcq-questions", type=int, default=40)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--ft-max-steps", type=int, default=200)
-    p.add_argument("--ft-eval-every", type=int, default=10)
-    p.add_argument("--ft-seq-len", type=int, default=256)
-    p.add_argument("--ft-batch-size", type=int, default=4)
-    p.add_argument("--ft-lr", type=float, default=5e-5)
-    p.add_argument("--ft-lr-scheduler", default="constant_with_warmup", help="e.g. cosine")
-    p.add_argument("--ft-distill", action="store_true", help="distil from the unpruned model (see minigpt finetune)")
-    p.add_argument("--ft-distill-alpha", type=float, default=0.5)
-    p.add_argument("--ft-train-tokens", type=int, help="fine-tuning set size, cycled (default: whole corpus)")
-    p.add_argument("--ft-patience", type=int, default=2,
-                   help="evaluations without improvement (or rising while the training loss falls) before stopping")
-    p.add_argument("--report-only", action="store_true", help="rewrite the table and plots from finished cells")
-    p.add_argument("--no-progress", action="store_true")
-    p.set_defaults(func=run)
-    return p
-
-
-def run(args) -> None:
-    settings = Settings(model=args.model, domains=args.domains, calib_tokens=args.calib_tokens,
-                        calib_doc_tokens=args.calib_doc_tokens, eval_doc_tokens=args.eval_doc_tokens,
-                        eval_tokens=args.eval_tokens, mcq_questions=args.mcq_questions, seed=args.seed,
-                        finetune={"max_steps": args.ft_max_steps, "eval_every": args.ft_eval_every,
-                                  "seq_len": args.ft_seq_len, "batch_size": args.ft_batch_size,
-                                  "learning_rate": args.ft_lr, "train_tokens": args.ft_train_tokens,
-                                  "patience": args.ft_patience, "lr_scheduler": args.ft_lr_scheduler,
-                                  "distill": args.ft_distill, "distill_alpha": args.ft_distill_alpha})
-    exp = Experiment(args.out, settings, progress=not args.no_progress)
-    if not args.report_only:
-        cells = grid(args.domains, args.methods, args.ratios, args.thresholds, args.reverse, args.threshold_methods)
-        exp.run(cells, cross=args.cross, mcq=args.mcq, finetune=args.finetune)
-    print(exp.report(plots=True))

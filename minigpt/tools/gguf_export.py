@@ -12,15 +12,14 @@ not a multiple of the type's block (32 for Q8_0/Q4_0) falls back to F16, as llam
 
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from minigpt import adapters
 from minigpt.errors import MiniGPTError
+from minigpt.models import adapters
 
 TYPES = {"f32": "ALL_F32", "f16": "MOSTLY_F16", "bf16": "MOSTLY_BF16", "q8_0": "MOSTLY_Q8_0", "q4_0": "MOSTLY_Q4_0",
          "q4_1": "MOSTLY_Q4_1", "q5_0": "MOSTLY_Q5_0", "q5_1": "MOSTLY_Q5_1"}
@@ -160,37 +159,3 @@ def export_gguf(model, tokenizer, out: str | Path, qtype: str = "f16", pre_token
         writer.close()
     report["bytes"] = Path(out).stat().st_size
     return report
-
-
-def add_parser(subparsers) -> argparse.ArgumentParser:
-    """Add the ``export`` subcommand (handler: ``run``)."""
-    p = subparsers.add_parser("export", help="write a model as one GGUF file for llama.cpp", description=__doc__,
-                              formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", help="HF model directory (default: SmolLM2-135M-Instruct)")
-    p.add_argument("--gguf", required=True, help="GGUF file to write")
-    p.add_argument("--type", default="f16", choices=TYPES, help="matrix type (default f16); norms stay f32")
-    p.add_argument("--pre-tokenizer", help="llama.cpp pre-tokenizer name, when minigpt cannot tell it")
-    p.set_defaults(func=run)
-    return p
-
-
-def run(args) -> None:
-    from minigpt.io import default_model_path, load_model
-
-    out = Path(args.gguf)
-    if out.exists():
-        raise MiniGPTError(f"output {out} already exists; choose a new path")
-    if out.suffix != ".gguf":
-        raise MiniGPTError(f"output {out} must end in .gguf")
-    source = Path(args.model) if args.model else default_model_path()
-    if not source.is_dir():
-        raise MiniGPTError(f"--model {source} is not a model directory")
-    config = json.loads((source / "config.json").read_text()) if (source / "config.json").exists() else {}
-    if "block_configs" in config or "minigpt_shapes" in config:
-        raise MiniGPTError(f"cannot export {source} to GGUF: it has per-layer MLP widths; {PER_LAYER_REFUSAL}")
-    model, tokenizer = load_model(source)
-    report = export_gguf(model, tokenizer, out, qtype=args.type, pre_tokenizer=args.pre_tokenizer, source_dir=source)
-    fallback = f"; {len(report['f16_fallback'])} matrices kept F16 (rows not whole blocks)" \
-        if report["f16_fallback"] else ""
-    print(f"wrote {out}: {report['bytes'] / 2**20:.1f} MiB, {args.type}, pre-tokenizer {report['pre_tokenizer']}"
-          f"{fallback}")

@@ -1,0 +1,7 @@
+"""``python -m minigpt.cli``: the ``minigpt`` command."""
+
+import sys
+
+from minigpt.cli import main
+
+sys.exit(main())
