@@ -84,6 +84,22 @@ def run(cmd: list[str], **kwargs) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, env=worker_env(), capture_output=True, text=True, timeout=300, check=False, **kwargs)
 
 
+def kill_after_checkpoint(cmd: list[str], checkpoint: Path, out: Path, settle: float = 0.2) -> None:
+    """Start ``cmd``, SIGKILL it (and its workers) ``settle`` s after its first checkpoint appears; it must not have
+    finished (``out`` absent)."""
+    import time
+
+    proc = subprocess.Popen(cmd, env=worker_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 240
+    while not checkpoint.exists():
+        assert proc.poll() is None, proc.communicate()[1].decode()
+        assert time.monotonic() < deadline, "no checkpoint appeared"
+        time.sleep(0.01)
+    time.sleep(settle)
+    kill_tree(proc)
+    assert proc.returncode == -9 and not out.exists(), "the run ended before it was killed"
+
+
 def kill_tree(proc: subprocess.Popen) -> None:
     """SIGKILL ``proc`` and every process it started (torchrun's workers), each by its id."""
     import psutil

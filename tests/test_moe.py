@@ -281,10 +281,7 @@ def test_calibrate_on_two_ranks_equals_one_process(tiny_tokenizer, tmp_path):
 
 @pytest.mark.usefixtures("one_thread")
 def test_killed_calibration_resumes_to_the_uninterrupted_statistics(tiny_tokenizer, corpus_dir, tmp_path):
-    import subprocess
-    import time
-
-    from scale_helpers import SEQ_LEN, kill_tree, minigpt, save_model, worker_env
+    from scale_helpers import SEQ_LEN, kill_after_checkpoint, minigpt, save_model
 
     model = save_model(moe_model("qwen2_moe", vocab_size=len(tiny_tokenizer)), tiny_tokenizer, tmp_path / "model")
     args = ("--model", model, "--data", corpus_dir, "--seq-len", SEQ_LEN, "--batch-size", 1,
@@ -292,16 +289,7 @@ def test_killed_calibration_resumes_to_the_uninterrupted_statistics(tiny_tokeniz
     whole, out = tmp_path / "whole.safetensors", tmp_path / "out.safetensors"
     checkpoint = tmp_path / "out.safetensors.ckpt"
     assert main(["calibrate", *map(str, args), "--checkpoint-every", "0", "--out", str(whole)]) == 0
-    proc = subprocess.Popen(minigpt("calibrate", *args, "--checkpoint-every", SEQ_LEN, "--out", out),
-                            env=worker_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    deadline = time.monotonic() + 240
-    while not checkpoint.exists():
-        assert proc.poll() is None, proc.communicate()[1].decode()
-        assert time.monotonic() < deadline, "no checkpoint appeared"
-        time.sleep(0.01)
-    time.sleep(0.2)
-    kill_tree(proc)
-    assert proc.returncode == -9 and not out.exists(), "the run ended before it was killed"
+    kill_after_checkpoint(minigpt("calibrate", *args, "--checkpoint-every", SEQ_LEN, "--out", out), checkpoint, out)
     saved = MoEStats.load(checkpoint)
     assert 0 < saved.tokens < 400 * SEQ_LEN
     again = ["calibrate", *map(str, args), "--checkpoint-every", str(SEQ_LEN), "--out", str(out)]
@@ -318,10 +306,7 @@ def test_killed_calibration_resumes_to_the_uninterrupted_statistics(tiny_tokeniz
 def test_two_ranks_killed_calibration_resumes_under_torchrun(tiny_tokenizer, tmp_path):
     """As the dense calibration: under ``torchrun`` rank 0 checkpoints the summed expert statistics and every rank's
     position; both workers and torchrun SIGKILLed after one, then resumed under torchrun: one process's sums."""
-    import subprocess
-    import time
-
-    from scale_helpers import SEQ_LEN, aligned_corpus, kill_tree, run, save_model, torchrun, worker_env
+    from scale_helpers import SEQ_LEN, aligned_corpus, kill_after_checkpoint, run, save_model, torchrun
 
     model = save_model(moe_model("qwen2_moe", vocab_size=len(tiny_tokenizer)), tiny_tokenizer, tmp_path / "model")
     corpus = aligned_corpus(tiny_tokenizer, tmp_path / "corpus", docs=300, seed=1)
@@ -330,16 +315,7 @@ def test_two_ranks_killed_calibration_resumes_under_torchrun(tiny_tokenizer, tmp
     whole, out = tmp_path / "whole.safetensors", tmp_path / "out.safetensors"
     checkpoint = tmp_path / "out.safetensors.ckpt"
     assert main(["calibrate", *map(str, args), "--out", str(whole)]) == 0
-    proc = subprocess.Popen(torchrun(2, "calibrate", *args, "--checkpoint-every", 1, "--out", out), env=worker_env(),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    deadline = time.monotonic() + 240
-    while not checkpoint.exists():
-        assert proc.poll() is None, proc.communicate()[1].decode()
-        assert time.monotonic() < deadline, "no checkpoint appeared"
-        time.sleep(0.01)
-    time.sleep(0.2)
-    kill_tree(proc)
-    assert proc.returncode == -9 and not out.exists(), "the run ended before it was killed"
+    kill_after_checkpoint(torchrun(2, "calibrate", *args, "--checkpoint-every", 1, "--out", out), checkpoint, out)
     saved = MoEStats.load(checkpoint)
     positions = saved.meta["checkpoint"]["positions"]
     assert min(positions) > 0 and sum(positions) * SEQ_LEN == saved.tokens < MoEStats.load(whole).tokens

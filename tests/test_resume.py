@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import signal
-import subprocess
 import time
 
 import pytest
@@ -12,13 +11,12 @@ from scale_helpers import (
     SEQ_LEN,
     aligned_corpus,
     assert_stats_equal,
-    kill_tree,
+    kill_after_checkpoint,
     minigpt,
     popen_with_default_sigint,
     run,
     save_model,
     torchrun,
-    worker_env,
 )
 
 from minigpt.cli import main
@@ -33,16 +31,8 @@ def model_dir(tmp_path_factory, tiny_tokenizer):
 
 
 def _kill_after_checkpoints(cmd: list[str], checkpoint, out, settle: float = 0.2) -> CalibrationStats:
-    """Start ``cmd``, SIGKILL it (and its workers) ``settle`` s after its first checkpoint; the checkpoint."""
-    proc = subprocess.Popen(cmd, env=worker_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    deadline = time.monotonic() + 240
-    while not checkpoint.exists():
-        assert proc.poll() is None, proc.communicate()[1].decode()
-        assert time.monotonic() < deadline, "no checkpoint appeared"
-        time.sleep(0.01)
-    time.sleep(settle)
-    kill_tree(proc)
-    assert proc.returncode == -9 and not out.exists(), "the run ended before it was killed"
+    """``kill_after_checkpoint``; the checkpoint it left."""
+    kill_after_checkpoint(cmd, checkpoint, out, settle)
     return CalibrationStats.load(checkpoint)
 
 
