@@ -82,16 +82,10 @@ def _both_ways(model, kept, tokenizer, tmp_path, shard_size="20KB"):
 @pytest.mark.parametrize(("arch", "tied"), STRUCTURE_ARCHS)
 def test_out_of_core_every_structure_equals_in_memory(arch, tied, structure, tiny_tokenizer, tmp_path):
     """Every structure of every kind of architecture, tensor for tensor; config and the saved shapes too."""
-    from test_structures import removal, tiny
-
-    from minigpt.models import surgery
+    from test_structures import removal_or_all, tiny
 
     model = tiny(arch, tied)
-    if structure == "all":
-        parts = [removal(model, s) for s in ("mlp", "heads", "hidden", "layers")]
-        kept = surgery.Kept(mlp=parts[0].mlp, heads=parts[1].heads, hidden=parts[2].hidden, layers=parts[3].layers)
-    else:
-        kept = removal(model, structure)
+    kept = removal_or_all(model, structure)
     mem, ooc = _both_ways(model, kept, tiny_tokenizer, tmp_path)
     _same_weights(mem, ooc)
     config = [json.loads((d / "config.json").read_text()) for d in (mem, ooc)]

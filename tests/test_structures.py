@@ -66,6 +66,14 @@ def removal(model, structure: str):
     return surgery.Kept(layers=[0, 2])
 
 
+
+def removal_or_all(model, structure: str) -> surgery.Kept:
+    """``removal`` of one structure, or of every structure at once (``"all"``)."""
+    if structure != "all":
+        return removal(model, structure)
+    parts = [removal(model, s) for s in ("mlp", "heads", "hidden", "layers")]
+    return surgery.Kept(mlp=parts[0].mlp, heads=parts[1].heads, hidden=parts[2].hidden, layers=parts[3].layers)
+
 def zero_removed(model, kept: surgery.Kept) -> int:
     """Zero every slice of what ``kept`` drops (layers: the weights writing the residual stream); returns the
     parameter count the removal should save."""
@@ -135,11 +143,7 @@ def test_pruned_model_saves_reloads_and_generates(arch, structure, tied, tiny_to
     from transformers import AutoModelForCausalLM
 
     model = tiny(arch, tied)
-    if structure == "all":
-        parts = [removal(model, s) for s in ("mlp", "heads", "hidden", "layers")]
-        kept = surgery.Kept(mlp=parts[0].mlp, heads=parts[1].heads, hidden=parts[2].hidden, layers=parts[3].layers)
-    else:
-        kept = removal(model, structure)
+    kept = removal_or_all(model, structure)
     minigpt.compact(model, plan_of(model, kept))
     out = minigpt.save_pruned(model, tiny_tokenizer, tmp_path / "pruned")
     stock = not (out / "modeling_minigpt.py").exists()
