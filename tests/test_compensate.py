@@ -99,6 +99,12 @@ def test_calibrate_collects_gram_when_asked_and_reports_its_size(tiny_tokenizer,
     assert calibrate(model, tiny_tokenizer, [str(corpus_dir)], gram=False, **CALIB).gram is None
 
 
+def _calibrated(model_type: str, tokenizer, corpus_dir):
+    """``(tiny model, calibration batches, down_proj inputs per layer, Gram statistics)``."""
+    model = tiny_model(model_type)
+    batches = _batches(tokenizer, corpus_dir)
+    return model, batches, _down_inputs(model, batches), _gram_stats(model, tokenizer, batches)
+
 BIAS_SLOT = {"llama": "mlp_bias", "smollm3": "mlp_bias", "opt": "down", "gpt2": "down", "phi": "down",
              **dict.fromkeys(["mistral", "qwen2", "qwen3", "gemma", "phi3", "gemma2", "gemma3_text", "olmo2"], "none")}
 """Every supported dense architecture and where a compensation bias goes (``compensate.bias_slot``)."""
@@ -108,10 +114,7 @@ BIAS_SLOT = {"llama": "mlp_bias", "smollm3": "mlp_bias", "opt": "down", "gpt2": 
 def test_refit_equals_the_float64_closed_form(model_type, tiny_tokenizer, corpus_dir):
     """mlp_bias: switched on (Llama, SmolLM3); down: the projection's own bias (OPT, GPT-2, Phi); none: no place
     for a bias, the uncentred refit (the rest; Phi-3's packed gate_up_proj too)."""
-    model = tiny_model(model_type)
-    batches = _batches(tiny_tokenizer, corpus_dir)
-    xs = _down_inputs(model, batches)
-    stats = _gram_stats(model, tiny_tokenizer, batches)
+    model, _, xs, stats = _calibrated(model_type, tiny_tokenizer, corpus_dir)
     layout = adapters.get_layout(model)
     dim = adapters.neuron_dim(layout, "cols")
     downs = [getattr(m, layout.cols[0]) for m in adapters.mlps(model)]
@@ -149,10 +152,7 @@ def test_compensated_models_of_every_architecture_reload(model_type, tiny_tokeni
     from minigpt.errors import MiniGPTError
     from minigpt.pipeline.compact import save_pruned
 
-    model = tiny_model(model_type)
-    batches = _batches(tiny_tokenizer, corpus_dir)
-    xs = _down_inputs(model, batches)
-    stats = _gram_stats(model, tiny_tokenizer, batches)
+    model, batches, xs, stats = _calibrated(model_type, tiny_tokenizer, corpus_dir)
     layout = adapters.get_layout(model)
     dim = adapters.neuron_dim(layout, "cols")
     for method in ("lstsq", "bias"):
