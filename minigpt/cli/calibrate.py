@@ -12,34 +12,41 @@ from minigpt.pipeline.data import resolve_files
 
 def cmd_calibrate(args) -> None:
     """Calibrate (on every rank under ``torchrun``, each on its shard); rank 0 writes the summed statistics."""
-    from minigpt.io import discard, load_model
     from minigpt.pipeline import distributed
-    from minigpt.pipeline.calibration import calibrate
 
-    out = Path(args.out)
-    checkpoint = Path(args.checkpoint or f"{out}.ckpt")
     resolve_files(args.data)  # fail on bad paths before loading the model
     distributed.check_local_world_for_device_map(args.device_map)
     device, dtype = device_dtype(args)
     device = distributed.setup(device)
     try:
-        model, tokenizer = load_model(args.model, dtype=dtype, device=device, device_map=args.device_map,
-                                      trust_remote_code=args.trust_remote_code)
-        from minigpt.cli import moe as moe_cli
-        from minigpt.pipeline import moe
+        _calibrate_this_rank(args, device, dtype)
+    except BaseException:
+        distributed.teardown(finished=False)
+        raise
+    distributed.teardown(finished=True)
 
-        if moe.is_moe(model):
-            return moe_cli.calibrate(model, tokenizer, args, out)
-        stats = calibrate(model, tokenizer, args.data, backend=args.backend, checkpoint=checkpoint,
-                          checkpoint_every=args.checkpoint_every, resume=args.resume, **calibration_kwargs(args))
-        if distributed.rank_world()[0] == 0:
-            stats.save(out)
-            discard(checkpoint)
-            ranks = f" over {stats.meta['world_size']} ranks" if stats.meta["world_size"] > 1 else ""
-            print(f"wrote {out}: {stats.tokens} tokens{ranks}, {stats.num_layers} layers, backend "
-                  f"{stats.meta['backend']}, {stats.meta['tokens_per_second']:.0f} tok/s")
-    finally:
-        distributed.teardown()
+
+def _calibrate_this_rank(args, device: str, dtype) -> None:
+    from minigpt.cli import moe as moe_cli
+    from minigpt.io import discard, load_model
+    from minigpt.pipeline import distributed, moe
+    from minigpt.pipeline.calibration import calibrate
+
+    out = Path(args.out)
+    checkpoint = Path(args.checkpoint or f"{out}.ckpt")
+    model, tokenizer = load_model(args.model, dtype=dtype, device=device, device_map=args.device_map,
+                                  trust_remote_code=args.trust_remote_code)
+    if moe.is_moe(model):
+        moe_cli.calibrate(model, tokenizer, args, out)
+        return
+    stats = calibrate(model, tokenizer, args.data, backend=args.backend, checkpoint=checkpoint,
+                      checkpoint_every=args.checkpoint_every, resume=args.resume, **calibration_kwargs(args))
+    if distributed.rank_world()[0] == 0:
+        stats.save(out)
+        discard(checkpoint)
+        ranks = f" over {stats.meta['world_size']} ranks" if stats.meta["world_size"] > 1 else ""
+        print(f"wrote {out}: {stats.tokens} tokens{ranks}, {stats.num_layers} layers, backend "
+              f"{stats.meta['backend']}, {stats.meta['tokens_per_second']:.0f} tok/s")
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:

@@ -36,8 +36,12 @@ def setup(device: str) -> str:
     return device
 
 
-def teardown() -> None:
+def teardown(finished: bool) -> None:
+    """Leave the process group; after a ``finished`` run, only once every rank has (a barrier first), so that no
+    rank tears its connections down while another still uses them (gloo aborted a rank exiting early)."""
     if dist.is_initialized():
+        if finished:
+            dist.barrier()
         dist.destroy_process_group()
 
 
