@@ -20,6 +20,7 @@ import torch
 from minigpt.io import load_model
 from minigpt.pipeline.calibration import calibrate
 from minigpt.pipeline.evaluation import evaluate
+from minigpt.pipeline.planning import MLPPolicy
 from minigpt.pipeline.prune import prune
 from minigpt.pipeline.sequential import prune_sequential
 from minigpt.pipeline.stats import CalibrationStats
@@ -71,7 +72,7 @@ def run(args) -> dict:
             pruned = copy.deepcopy(model)
             start = time.perf_counter()
             if sequential:
-                pruned, plan = prune_sequential(pruned, tokenizer, "stdlib", ratio=ratio, select=select,
+                pruned, plan = prune_sequential(pruned, tokenizer, "stdlib", policy=MLPPolicy(mlp=ratio), select=select,
                                                 compensate=method, damping=args.damping,
                                                 **{k: v for k, v in calib.items() if k != "progress"})
             else:

@@ -176,11 +176,11 @@ def medium_model(tmp_path_factory, tiny_tokenizer):
     root = tmp_path_factory.mktemp("medium")
     model.save_pretrained(root / "model", max_shard_size="8MB")
     tiny_tokenizer.save_pretrained(root / "model")
-    from minigpt.pipeline.planning import plan_from_scores
+    from minigpt.pipeline.planning import MLPPolicy, plan_from_scores
     from minigpt.pipeline.stats import fingerprint
 
     scores = [torch.arange(2048, dtype=torch.float64)] * 6
-    plan_from_scores(scores, ratio=0.25, fingerprint=fingerprint(model)).save(root / "plan.json")
+    plan_from_scores(scores, MLPPolicy(mlp=0.25), fingerprint=fingerprint(model)).save(root / "plan.json")
     return root / "model", root / "plan.json"
 
 

@@ -18,7 +18,7 @@ from minigpt.pipeline.calibration import calibrate, run_batches
 from minigpt.pipeline.compensate import compensate_layer, moments, obs_keep, refit
 from minigpt.pipeline.data import Batches, resolve_files
 from minigpt.pipeline.importance import stats_scores
-from minigpt.pipeline.planning import PruningPlan, plan_from_scores
+from minigpt.pipeline.planning import MLPPolicy, PruningPlan, plan_from_scores
 from minigpt.pipeline.prune import prune
 from minigpt.pipeline.sequential import prune_sequential
 from minigpt.pipeline.stats import CalibrationStats, fingerprint
@@ -233,14 +233,14 @@ def test_obs_order_and_error_match_brute_force():
 def test_sequential_equals_the_computation_by_hand(tiny_tokenizer, corpus_dir):
     model = tiny_model("llama")
     data = [str(corpus_dir)]
-    auto, plan = prune_sequential(copy.deepcopy(model), tiny_tokenizer, data, ratio=0.25, select="obs",
+    auto, plan = prune_sequential(copy.deepcopy(model), tiny_tokenizer, data, policy=MLPPolicy(mlp=0.25), select="obs",
                                   compensate="lstsq", backend="torch", **{k: v for k, v in CALIB.items()
                                                                           if k != "progress"})
     hand = copy.deepcopy(model)  # by hand: calibrate the whole (partly refitted) model again before each layer
     kept = []
     for layer in range(len(adapters.mlps(hand))):
         stats = calibrate(hand, tiny_tokenizer, data, gram=True, backend="torch", **CALIB)
-        count = plan_from_scores([stats_scores(stats, "l1")[layer]], ratio=0.25).kept_widths[0]
+        count = plan_from_scores([stats_scores(stats, "l1")[layer]], MLPPolicy(mlp=0.25)).kept_widths[0]
         w = adapters.mlps(hand)[layer].down_proj.weight.detach()
         keep = obs_keep(w, moments(stats, layer, centred=True)[0], count)
         compensate_layer(hand, stats, layer, keep, "lstsq")

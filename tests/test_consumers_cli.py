@@ -8,22 +8,22 @@ import pytest
 import torch
 
 from minigpt.cli import main
-from minigpt.pipeline.planning import auto_multiple, plan_from_scores
+from minigpt.pipeline.planning import MLPPolicy, auto_multiple, plan_from_scores
 from minigpt.tools.harness import cloze_task_yaml, write_cloze_task
 
 
 def test_auto_multiple_keeps_widths_whole_quantisation_blocks():
     scores = [torch.rand(1536, generator=torch.Generator().manual_seed(i), dtype=torch.float64) for i in range(3)]
-    plan = plan_from_scores(scores, ratio=0.2, multiple="auto")
+    plan = plan_from_scores(scores, MLPPolicy(mlp=0.2, multiple="auto"))
     assert plan.kept_widths == [1248] * 3  # 1229 rounded up to 39 blocks of 32
     assert plan.removed_fraction == pytest.approx(288 / 1536)
-    per_layer = plan_from_scores(scores, threshold=0.5, multiple="auto")
+    per_layer = plan_from_scores(scores, MLPPolicy(threshold=0.5, multiple="auto"))
     assert all(w % 32 == 0 for w in per_layer.kept_widths)
     assert auto_multiple([1536, 1024]) == 32 and auto_multiple([48, 48]) == 1  # unaligned models keep exact widths
     # hidden channels (kept counts already multiples of the head count): the same rule on lcm(heads, 32)
     assert auto_multiple([4096], step=32) == 32 and auto_multiple([4096], step=48) == 32
     assert auto_multiple([576], step=9) == 1 and auto_multiple([2048], step=9) == 1  # 288 > 576/8, 2048/8
-    assert plan_from_scores([s[:48] for s in scores], ratio=0.25, multiple="auto").kept_widths == [36] * 3
+    assert plan_from_scores([s[:48] for s in scores], MLPPolicy(mlp=0.25, multiple="auto")).kept_widths == [36] * 3
 
 
 def test_cli_multiple_option_is_checked(capsys):

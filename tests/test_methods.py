@@ -12,7 +12,7 @@ import minigpt
 from minigpt.cli import main
 from minigpt.models import adapters
 from minigpt.pipeline import importance
-from minigpt.pipeline.planning import plan_from_scores
+from minigpt.pipeline.planning import MLPPolicy, plan_from_scores
 from minigpt.pipeline.stats import CalibrationStats, fingerprint
 
 
@@ -77,10 +77,10 @@ def test_random_is_seeded_and_reverse_removes_the_top():
     c = minigpt.plan(None, "random", model=model, ratio=0.5, seed=2).kept
     assert a == b and a != c and [len(k) for k in a] == [24, 24]
     scores = [torch.tensor([4.0, 0.001, 2.0, 0.5, 0.0, 1.0], dtype=torch.float64)]
-    assert plan_from_scores(scores, ratio=0.5, reverse=True).kept == [[1, 3, 4]]
-    assert plan_from_scores(scores, ratio=0.5, reverse=True, scope="global").kept == [[1, 3, 4]]
+    assert plan_from_scores(scores, MLPPolicy(mlp=0.5, reverse=True)).kept == [[1, 3, 4]]
+    assert plan_from_scores(scores, MLPPolicy(mlp=0.5, reverse=True, scope="global")).kept == [[1, 3, 4]]
     with pytest.raises(minigpt.MiniGPTError, match="reverse"):
-        plan_from_scores(scores, threshold=0.1, reverse=True)
+        MLPPolicy(threshold=0.1, reverse=True)
 
 
 def _logit_change(model, pruned, ids) -> float:

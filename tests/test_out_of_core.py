@@ -230,7 +230,7 @@ def test_peak_memory_is_a_few_tensors_not_the_model(tiny_tokenizer, tmp_path):
     the post-import baseline, while the in-memory path (the control) exceeds the model's size."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from minigpt.pipeline.planning import plan_from_scores
+    from minigpt.pipeline.planning import MLPPolicy, plan_from_scores
     from minigpt.pipeline.stats import fingerprint
 
     config = AutoConfig.for_model("llama", vocab_size=512, hidden_size=1024, intermediate_size=4096,
@@ -247,7 +247,7 @@ def test_peak_memory_is_a_few_tensors_not_the_model(tiny_tokenizer, tmp_path):
     assert len(list(src.glob("model-*.safetensors"))) >= 8 and not (src / "model.safetensors").exists()
     gen = torch.Generator().manual_seed(1)
     scores = [torch.rand(4096, generator=gen, dtype=torch.float64) for _ in range(5)]
-    plan = plan_from_scores(scores, threshold=0.3, fingerprint=fingerprint(model))  # per-layer widths
+    plan = plan_from_scores(scores, MLPPolicy(threshold=0.3), fingerprint=fingerprint(model))  # per-layer widths
     del model
     plan.save(tmp_path / "plan.json")
     argv = ["prune", "--model", src, "--plan", tmp_path / "plan.json", "--no-eval"]

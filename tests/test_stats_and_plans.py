@@ -9,7 +9,7 @@ from conftest import tiny_model
 import minigpt
 from minigpt.pipeline.calibration import run_batches
 from minigpt.pipeline.data import Batches, resolve_files
-from minigpt.pipeline.planning import plan_from_scores
+from minigpt.pipeline.planning import MLPPolicy, plan_from_scores
 from minigpt.pipeline.stats import CalibrationStats, fingerprint
 
 
@@ -67,21 +67,21 @@ def _scores():
 
 
 def test_threshold_is_on_max_normalised_mean():
-    plan = plan_from_scores(_scores(), threshold=0.2)
+    plan = plan_from_scores(_scores(), MLPPolicy(threshold=0.2))
     assert plan.kept == [[0, 2, 5], [0, 1, 3]]  # normalised: [1, .00025, .5, .125, 0, .25], [.5, .25, .125, 1]
 
 
 def test_ratio_uniform_global_multiple_and_floor():
-    assert plan_from_scores(_scores(), ratio=0.5).kept == [[0, 2, 5], [0, 3]]
-    glob = plan_from_scores(_scores(), ratio=0.5, scope="global")  # the 5 lowest of all normalised scores go
+    assert plan_from_scores(_scores(), MLPPolicy(mlp=0.5)).kept == [[0, 2, 5], [0, 3]]
+    glob = plan_from_scores(_scores(), MLPPolicy(mlp=0.5, scope="global"))  # the 5 lowest of all normalised scores go
     assert glob.kept == [[0, 2], [0, 1, 3]] and glob.removed_fraction == 0.5
-    assert plan_from_scores(_scores(), ratio=0.9, multiple=4).kept_widths == [4, 4]
-    assert plan_from_scores(_scores(), threshold=1.0).kept_widths == [1, 1]  # never empty
-    assert plan_from_scores(_scores(), threshold=1.0, min_keep=0.5).kept_widths == [3, 2]
+    assert plan_from_scores(_scores(), MLPPolicy(mlp=0.9, multiple=4)).kept_widths == [4, 4]
+    assert plan_from_scores(_scores(), MLPPolicy(threshold=1.0)).kept_widths == [1, 1]  # never empty
+    assert plan_from_scores(_scores(), MLPPolicy(threshold=1.0, min_keep=0.5)).kept_widths == [3, 2]
 
 
 def test_plan_json_round_trip(tmp_path):
-    plan = plan_from_scores(_scores(), ratio=0.5, policy={"metric": "l1"})
+    plan = plan_from_scores(_scores(), MLPPolicy(mlp=0.5), record={"metric": "l1"})
     plan.save(tmp_path / "plan.json")
     loaded = minigpt.PruningPlan.load(tmp_path / "plan.json")
     assert loaded.kept == plan.kept and loaded.widths == plan.widths and loaded.policy == {"metric": "l1"}
@@ -90,5 +90,22 @@ def test_plan_json_round_trip(tmp_path):
 @pytest.mark.parametrize("kwargs", [{"ratio": 1.0}, {"ratio": -0.1}, {"threshold": 1.5}, {},
                                     {"ratio": 0.2, "threshold": 0.1}, {"ratio": 0.2, "multiple": 0}])
 def test_bad_policy_refused(kwargs):
-    with pytest.raises(minigpt.MiniGPTError):
-        plan_from_scores(_scores(), **kwargs)
+    with pytest.raises(minigpt.MiniGPTError):  # by the policy's own checks, or (neither amount) when planning
+        plan_from_scores(_scores(), MLPPolicy.of(None, kwargs))
+
+
+def test_plan_and_prune_take_a_policy_or_its_keywords():
+    model = tiny_model("llama")
+    by_keywords = minigpt.plan(None, "maw", model=model, ratio=0.5, scope="global", multiple=4)
+    by_policy = minigpt.plan(None, "maw", model=model, policy=minigpt.Policy(mlp=0.5, scope="global", multiple=4))
+    assert by_keywords.kept == by_policy.kept and by_keywords.policy == by_policy.policy
+    assert by_keywords.policy == {"metric": "maw", "threshold": None, "ratio": 0.5, "scope": "global", "multiple": 4,
+                                  "min_keep": 0.0, "reverse": False, "tokens": 0}  # what plans have always recorded
+    assert minigpt.prune(tiny_model("llama"), metric="maw", policy=MLPPolicy(mlp=0.5, scope="global",
+                                                                              multiple=4))[1].kept == by_policy.kept
+    with pytest.raises(minigpt.MiniGPTError, match="not both"):
+        minigpt.plan(None, "maw", model=model, policy=MLPPolicy(mlp=0.5), ratio=0.5)
+    with pytest.raises(TypeError, match="ratoi"):
+        minigpt.prune(model, metric="maw", ratoi=0.5)
+    with pytest.raises(minigpt.MiniGPTError, match="ratio must be in"):
+        minigpt.Policy(mlp=1.0, heads=0.5)

@@ -130,16 +130,17 @@ def _compensation(args, stats, given_plan) -> str:
     return "none" if no_gram else "lstsq"
 
 
-def _size_by_budget(args, model, tokenizer, stats, prune_kwargs: dict) -> dict:
-    """``budget.size_by_budget`` on windows of the held-out documents after those the report scores."""
+def _size_by_budget(args, model, tokenizer, stats, policy, prune_kwargs: dict) -> dict:
+    """``budget.size_by_budget`` of ``policy``'s MLP ratio on windows of the held-out documents after those the
+    report scores."""
     from minigpt.pipeline.budget import size_by_budget, sizing_documents
     from minigpt.pipeline.evaluation import documents_after
     from minigpt.pipeline.prune import prune
 
     texts = documents_after(tokenizer, args.eval_data, args.eval_tokens, args.eval_doc_tokens, args.text_field)
     docs = sizing_documents(tokenizer, texts, args.budget_tokens, min(args.budget_doc_tokens, args.eval_seq_len))
-    return size_by_budget(model, tokenizer, docs, lambda m, r: prune(m, tokenizer, stats=stats, ratio=r,
-                                                                     **prune_kwargs)[0],
+    return size_by_budget(model, tokenizer, docs, lambda m, r: prune(
+        m, tokenizer, stats=stats, policy=replace(policy, mlp=r, threshold=None), **prune_kwargs)[0],
                           max_increase=args.max_ppl_increase, confidence=args.budget_confidence)
 
 
@@ -209,18 +210,15 @@ def cmd_prune(args) -> None:
         "select": args.select, "damping": args.damping}
     budget = None
     if args.max_ppl_increase is not None:
-        budget = _size_by_budget(args, model, tokenizer, stats, {**prune_kwargs, **{
-            k: v for k, v in policy.mlp_keywords().items() if k not in ("ratio", "threshold")}})
-        ratio = budget["ratio"]
-        policy = replace(policy, mlp=ratio, threshold=None)
+        budget = _size_by_budget(args, model, tokenizer, stats, policy, prune_kwargs)
+        policy = replace(policy, mlp=budget["ratio"], threshold=None)
     if args.sequential:
         from minigpt.pipeline.sequential import prune_sequential
 
         kwargs = {k: v for k, v in calibration_kwargs(args).items() if k not in ("progress", "gram")}
-        model, plan = prune_sequential(model, tokenizer, args.data, ratio=ratio, metric=args.metric,
+        model, plan = prune_sequential(model, tokenizer, args.data, policy=policy, metric=args.metric,
                                        select=args.select, compensate=compensate, damping=args.damping,
-                                       multiple=policy.multiple, min_keep=args.min_keep, backend=args.backend,
-                                       **kwargs)
+                                       backend=args.backend, **kwargs)
     else:
         model, plan = prune(model, tokenizer, stats=stats, pruning_plan=given_plan, data=args.data, policy=policy,
                             **prune_kwargs)

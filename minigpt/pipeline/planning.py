@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 import torch
@@ -110,86 +110,114 @@ def _keep_top(score: torch.Tensor, k: int) -> list[int]:
     return order.sort().values.tolist()
 
 
-def plan_from_scores(
-    layer_scores: list[torch.Tensor],
-    *,
-    threshold: float | None = None,
-    ratio: float | None = None,
-    scope: str = "uniform",
-    multiple: int | str = 1,
-    min_keep: float = 0.0,
-    reverse: bool = False,
-    fingerprint: dict | None = None,
-    policy: dict | None = None,
-) -> PruningPlan:
-    """Keep neurons by normalised score: ``threshold`` (drop s < ε) or ``ratio`` (drop that fraction).
+@dataclass(frozen=True)
+class MLPPolicy:
+    """How many MLP neurons each layer keeps, validated once (``minigpt.pipeline.policy.Policy`` extends it).
 
-    scope: ``uniform`` (ratio applied to every layer) or ``global`` (one ranking across layers).
+    mlp: the fraction of neurons to remove (``ratio``, ``--mlp``/``--ratio``), or threshold: drop ``s < ε``; a plan
+    needs exactly one of them (``Policy`` may leave both unset when it removes other structures).
+    scope: ``uniform`` (the ratio applied to every layer) or ``global`` (one ranking across layers).
     multiple: kept widths rounded *up* to a multiple (e.g. 64/128 for tensor cores), never above the width;
     ``"auto"``: 32 (GGUF Q8_0's block) when every width is a multiple of 32, else 1 (``auto_multiple``).
     min_keep: floor as a fraction of each layer's width; at least one neuron (one ``multiple``) always stays.
-    reverse: with ``ratio``, remove the highest-scoring neurons first.
+    reverse: with a ratio, remove the highest-scoring neurons first.
     """
-    if (threshold is None) == (ratio is None):
+
+    mlp: float | None = None
+    threshold: float | None = None
+    scope: str = "uniform"
+    multiple: int | str = 1
+    min_keep: float = 0.0
+    reverse: bool = False
+
+    def __post_init__(self):
+        if self.threshold is not None and self.mlp is not None:
+            raise MiniGPTError("give exactly one of threshold or ratio")
+        if self.reverse and self.threshold is not None:
+            raise MiniGPTError("reverse pruning takes a ratio, not a threshold")
+        if self.threshold is not None and not (0.0 <= self.threshold <= 1.0):
+            raise MiniGPTError(f"threshold must be in [0, 1] (normalised scores), got {self.threshold}")
+        if self.mlp is not None and not (0.0 <= self.mlp < 1.0):
+            raise MiniGPTError(f"ratio must be in [0, 1), got {self.mlp}")
+        if self.scope not in ("uniform", "global"):
+            raise MiniGPTError(f"scope must be 'uniform' or 'global', got {self.scope!r}")
+        multiple_ok = self.multiple == "auto" or (isinstance(self.multiple, int) and self.multiple >= 1)
+        if not multiple_ok or not (0.0 <= self.min_keep <= 1.0):
+            raise MiniGPTError(f"multiple must be ≥ 1 and min_keep in [0, 1] (got {self.multiple}, {self.min_keep})")
+
+    @classmethod
+    def of(cls, policy: MLPPolicy | None, keywords: dict) -> MLPPolicy:
+        """``policy``, or one built from ``minigpt.plan``/``prune``'s keywords (``ratio`` is ``mlp``)."""
+        if policy is not None and keywords:
+            raise MiniGPTError(f"give a policy or its keywords ({', '.join(keywords)}), not both")
+        if policy is not None:
+            return policy
+        names = {f.name for f in fields(MLPPolicy)} - {"mlp"} | {"ratio"}
+        unknown = sorted(set(keywords) - names)
+        if unknown:
+            raise TypeError(f"unexpected keyword argument {unknown[0]!r} (policy keywords: {', '.join(sorted(names))})")
+        return cls(**{"mlp" if k == "ratio" else k: v for k, v in keywords.items()})
+
+    def resolved(self, widths: list[int]) -> MLPPolicy:
+        """The policy with ``multiple="auto"`` replaced by ``auto_multiple(widths)``."""
+        return replace(self, multiple=auto_multiple(widths)) if self.multiple == "auto" else self
+
+    def record(self) -> dict:
+        """The plan JSON's ``policy`` entries of the MLP (``ratio``: ``mlp``)."""
+        return {"threshold": self.threshold, "ratio": self.mlp, "scope": self.scope, "multiple": self.multiple,
+                "min_keep": self.min_keep, "reverse": self.reverse}
+
+
+def plan_from_scores(layer_scores: list[torch.Tensor], policy: MLPPolicy, *, fingerprint: dict | None = None,
+                     record: dict | None = None) -> PruningPlan:
+    """Keep neurons by normalised score as ``policy`` says: its ``threshold`` (drop s < ε) or ``mlp`` ratio (drop
+    that fraction). ``record``: the plan JSON's ``policy`` dict."""
+    if (policy.threshold is None) == (policy.mlp is None):
         raise MiniGPTError("give exactly one of threshold or ratio")
-    if reverse and ratio is None:
-        raise MiniGPTError("reverse pruning takes a ratio, not a threshold")
-    if threshold is not None and not (0.0 <= threshold <= 1.0):
-        raise MiniGPTError(f"threshold must be in [0, 1] (normalised scores), got {threshold}")
-    if ratio is not None and not (0.0 <= ratio < 1.0):
-        raise MiniGPTError(f"ratio must be in [0, 1), got {ratio}")
-    if scope not in ("uniform", "global"):
-        raise MiniGPTError(f"scope must be 'uniform' or 'global', got {scope!r}")
-    if multiple == "auto":
-        multiple = auto_multiple([s.numel() for s in layer_scores])
-    if not isinstance(multiple, int) or multiple < 1 or not (0.0 <= min_keep <= 1.0):
-        raise MiniGPTError(f"multiple must be ≥ 1 and min_keep in [0, 1] (got {multiple}, {min_keep})")
-    norm = [-s if reverse else s for s in normalise(layer_scores)]
-    widths = [s.numel() for s in norm]
+    widths = [s.numel() for s in layer_scores]
+    policy = policy.resolved(widths)
+    threshold, ratio, multiple = policy.threshold, policy.mlp, policy.multiple
+    norm = [-s if policy.reverse else s for s in normalise(layer_scores)]
     if threshold is not None:
         counts = [int((s >= threshold).sum()) for s in norm]
-    elif scope == "uniform":
+    elif policy.scope == "uniform":
         counts = [w - round(ratio * w) for w in widths]
     else:
         flat = torch.cat(norm)
         dropped = torch.sort(flat, stable=True).indices[: round(ratio * flat.numel())]
         layer_of = torch.repeat_interleave(torch.arange(len(widths)), torch.tensor(widths))
         counts = [w - int(d) for w, d in zip(widths, torch.bincount(layer_of[dropped], minlength=len(widths)))]
-    floors = [max(1, math.ceil(min_keep * w)) for w in widths]
+    floors = [max(1, math.ceil(policy.min_keep * w)) for w in widths]
     counts = [_round_up(max(c, f), multiple, w) for c, f, w in zip(counts, floors, widths)]
     kept = [_keep_top(s, c) for s, c in zip(norm, counts)]
-    return PruningPlan(kept=kept, widths=widths, fingerprint=dict(fingerprint or {}), policy=dict(policy or {}))
+    return PruningPlan(kept=kept, widths=widths, fingerprint=dict(fingerprint or {}), policy=dict(record or {}))
 
 
 def plan(
     stats: CalibrationStats | None,
     metric: str = "l1",
     *,
-    threshold: float | None = None,
-    ratio: float | None = None,
-    scope: str = "uniform",
-    multiple: int | str = 1,
-    min_keep: float = 0.0,
-    reverse: bool = False,
+    policy: MLPPolicy | None = None,
     model=None,
     reference: CalibrationStats | None = None,
     seed: int = 0,
+    **keywords,
 ) -> PruningPlan:
     """Pruning plan by ``metric`` (``minigpt.pipeline.importance``) from ``stats``, the ``model``'s weights or both.
 
-    ``reference``: statistics of another corpus (``selectivity``); ``seed``: the ``random`` baseline's generator.
+    ``policy``: an ``MLPPolicy`` (or ``minigpt.Policy``), or its keywords: ``ratio`` or ``threshold``, ``scope``,
+    ``multiple``, ``min_keep``, ``reverse`` (``MLPPolicy``). ``reference``: statistics of another corpus
+    (``selectivity``); ``seed``: the ``random`` baseline's generator.
     """
+    policy = MLPPolicy.of(policy, keywords)
     # ratio 0 keeps every neuron whatever the scores: it needs neither statistics nor a reference
-    layer_scores = importance.scores("random" if ratio == 0 else metric, stats=stats, model=model,
+    layer_scores = importance.scores("random" if policy.mlp == 0 else metric, stats=stats, model=model,
                                      reference=reference, seed=seed)
-    if multiple == "auto":
-        multiple = auto_multiple([s.numel() for s in layer_scores])
-    policy = {"metric": metric, "threshold": threshold, "ratio": ratio, "scope": scope, "multiple": multiple,
-              "min_keep": min_keep, "reverse": reverse, "tokens": stats.tokens if stats is not None else 0}
+    policy = policy.resolved([s.numel() for s in layer_scores])
+    record = {"metric": metric, **policy.record(), "tokens": stats.tokens if stats is not None else 0}
     if metric == "random":
-        policy["seed"] = seed
+        record["seed"] = seed
     if reference is not None and metric == "selectivity":
-        policy["reference_tokens"] = reference.tokens
+        record["reference_tokens"] = reference.tokens
     fp = stats.fingerprint if stats is not None else model_fingerprint(model)
-    return plan_from_scores(layer_scores, threshold=threshold, ratio=ratio, scope=scope, multiple=multiple,
-                            min_keep=min_keep, reverse=reverse, fingerprint=fp, policy=policy)
+    return plan_from_scores(layer_scores, policy, fingerprint=fp, record=record)

@@ -31,26 +31,21 @@ from __future__ import annotations
 
 import copy
 import math
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 
 import torch
 
 from minigpt.errors import MiniGPTError
 from minigpt.models import surgery
 from minigpt.models.architecture import describe
-from minigpt.pipeline.planning import auto_multiple
+from minigpt.pipeline.planning import MLPPolicy, auto_multiple
 
 
 @dataclass(frozen=True)
-class Policy:
-    """Amounts per structure. ``mlp`` / ``threshold`` and the MLP keywords are ``minigpt.plan``'s."""
+class Policy(MLPPolicy):
+    """Amounts per structure, validated once. The MLP fields (``mlp``, ``threshold``, ``scope``, ``multiple``,
+    ``min_keep``, ``reverse``) are ``MLPPolicy``'s; ``multiple`` also rounds the kept hidden size."""
 
-    mlp: float | None = None
-    threshold: float | None = None
-    scope: str = "uniform"
-    multiple: int = 1
-    min_keep: float = 0.0
-    reverse: bool = False
     heads: float = 0.0
     kv_groups: bool = False
     heads_scope: str = "uniform"
@@ -61,12 +56,11 @@ class Policy:
     seed: int = 0
 
     def __post_init__(self):
+        super().__post_init__()
         for name in ("heads", "hidden"):
             value = getattr(self, name)
             if not 0.0 <= value < 1.0:
                 raise MiniGPTError(f"--{name} must be a fraction in [0, 1), got {value}")
-        if self.mlp is not None and not 0.0 <= self.mlp < 1.0:
-            raise MiniGPTError(f"--mlp (--ratio): ratio must be in [0, 1), got {self.mlp}")
         if self.layers < 0:
             raise MiniGPTError(f"--layers must be a number of layers ≥ 0, got {self.layers}")
         if self.target_params is not None and not 0.0 < self.target_params < 1.0:
@@ -79,14 +73,20 @@ class Policy:
         if self.layer_metric not in ("influence", "random"):
             raise MiniGPTError(f"layer metric must be influence or random, got {self.layer_metric!r}")
 
+    @classmethod
+    def of(cls, policy: MLPPolicy | None, keywords: dict) -> Policy:
+        """``MLPPolicy.of`` as a ``Policy`` (an ``MLPPolicy`` given gains no other structure)."""
+        policy = MLPPolicy.of(policy, keywords)
+        return policy if isinstance(policy, Policy) else cls(**asdict(policy))
+
     @property
     def structural(self) -> bool:
         return bool(self.heads or self.hidden or self.layers)
 
-    def mlp_keywords(self) -> dict:
-        """The keywords ``minigpt.plan`` takes."""
-        return {"threshold": self.threshold, "ratio": self.mlp, "scope": self.scope, "multiple": self.multiple,
-                "min_keep": self.min_keep, "reverse": self.reverse}
+    def structures_record(self) -> dict:
+        """The plan JSON's ``policy`` entries of heads, hidden channels and layers."""
+        return {"heads": self.heads, "kv_groups": self.kv_groups, "heads_scope": self.heads_scope,
+                "hidden": self.hidden, "layers": self.layers, "layer_metric": self.layer_metric}
 
     def check_model(self, model) -> None:
         """Refuse amounts this model cannot take (one line), before any statistics are collected."""

@@ -9,7 +9,7 @@ from minigpt.pipeline.compact import compact
 from minigpt.pipeline.compensate import DAMPING, compensate_heads, mark_mlp_bias, obs_kept
 from minigpt.pipeline.compensate import compensate as compensate_model
 from minigpt.pipeline.importance import NEEDS_STATS
-from minigpt.pipeline.planning import PruningPlan, plan
+from minigpt.pipeline.planning import MLPPolicy, PruningPlan, plan
 from minigpt.pipeline.policy import Policy, allocate, structure_plan
 from minigpt.pipeline.stats import CalibrationStats, check_fingerprint, fingerprint
 
@@ -22,47 +22,39 @@ def prune(
     pruning_plan: PruningPlan | None = None,
     data=None,
     metric: str = "l1",
-    threshold: float | None = None,
-    ratio: float | None = None,
-    scope: str = "uniform",
-    multiple: int | str = 1,
-    min_keep: float = 0.0,
-    reverse: bool = False,
+    policy: MLPPolicy | None = None,
     reference: CalibrationStats | None = None,
     reference_data=None,
     seed: int = 0,
     backend: str = "auto",
     calibration: dict | None = None,
-    policy: Policy | None = None,
     compensate: str = "none",
     select: str = "metric",
     damping: float = DAMPING,
+    **keywords,
 ) -> tuple[object, PruningPlan]:
     """Prune ``model``'s MLP neurons in place; returns ``(model, plan)``.
 
     Give a ready ``pruning_plan``, or ``stats`` (checked against the model), or ``data`` to calibrate on
     (``calibration`` holds ``calibrate`` keyword arguments); weight-only metrics and ``random`` need neither.
     ``selectivity`` also needs ``reference`` statistics or ``reference_data`` to calibrate them on.
-    ``ratio=0.2`` removes 20 % of every layer's neurons (``ratio=0`` none, without calibrating); ``reverse`` removes
-    the highest-scoring ones. ``policy`` (``minigpt.pipeline.policy.Policy``) replaces the MLP keywords and adds heads,
-    hidden channels, layers and the ``target_params`` budget.
+    ``policy``: a ``minigpt.pipeline.policy.Policy`` (MLP neurons, heads, hidden channels, layers, the
+    ``target_params`` budget) or an ``MLPPolicy``; or, instead, ``minigpt.plan``'s MLP keywords (``ratio``,
+    ``threshold``, ``scope``, ``multiple``, ``min_keep``, ``reverse``). ``ratio=0.2`` removes 20 % of every layer's
+    neurons (``ratio=0`` none, without calibrating); ``reverse=True`` the highest-scoring ones.
     ``select="obs"``: the metric sets how many neurons each layer keeps, greedy OBS which (``minigpt.pipeline.compensate``);
     ``compensate`` (none, bias, lstsq) refits each down_proj on the kept neurons. Both need Gram statistics
     (calibrated here with them when ``stats`` is not given).
     """
     if compensate != "none" or select == "obs":
         calibration = {**(calibration or {}), "gram": True}
-    if policy is not None:
-        policy.check_model(model)
-        kw = policy.mlp_keywords()
-        threshold, ratio, scope, multiple, min_keep, reverse = (kw[k] for k in (
-            "threshold", "ratio", "scope", "multiple", "min_keep", "reverse"))
-        if policy.structural or policy.target_params is not None:
-            stats = _stats(model, tokenizer, stats, data, backend, calibration)
-        if policy.target_params is not None:
-            policy = allocate(stats, model, policy, importance.scores(metric, stats=stats, model=model, seed=seed))
-            ratio = policy.mlp
-    keeps_all = ratio == 0  # no score removes a neuron: nothing to calibrate (vocabulary-only runs)
+    policy = Policy.of(policy, keywords)
+    policy.check_model(model)
+    if policy.structural or policy.target_params is not None:
+        stats = _stats(model, tokenizer, stats, data, backend, calibration)
+    if policy.target_params is not None:
+        policy = allocate(stats, model, policy, importance.scores(metric, stats=stats, model=model, seed=seed))
+    keeps_all = policy.mlp == 0  # no score removes a neuron: nothing to calibrate (vocabulary-only runs)
     needs_gram = (compensate != "none" or select == "obs") and not keeps_all
     if needs_gram:
         stats = _stats(model, tokenizer, stats, data, backend, calibration)
@@ -73,17 +65,14 @@ def prune(
             reference = _stats(model, tokenizer, None, reference_data, backend, calibration)
         if metric in NEEDS_STATS and not (keeps_all and stats is None):
             stats = _stats(model, tokenizer, stats, data, backend, calibration)
-        pruning_plan = plan(stats, metric, threshold=threshold, ratio=ratio, scope=scope, multiple=multiple,
-                            min_keep=min_keep, reverse=reverse, model=model, reference=reference, seed=seed)
+        pruning_plan = plan(stats, metric, policy=policy, model=model, reference=reference, seed=seed)
         if select == "obs" and not keeps_all:
             pruning_plan.kept = obs_kept(model, stats, pruning_plan.kept_widths, damping)
         pruning_plan.policy["select"] = select
-        if policy is not None and policy.structural:
+        if policy.structural:
             kept = structure_plan(stats, model, policy)
             pruning_plan.heads, pruning_plan.hidden, pruning_plan.layers = kept.heads, kept.hidden, kept.layers
-            pruning_plan.policy.update(heads=policy.heads, kv_groups=policy.kv_groups, heads_scope=policy.heads_scope,
-                                       hidden=policy.hidden,
-                                       layers=policy.layers, layer_metric=policy.layer_metric)
+            pruning_plan.policy.update(policy.structures_record())
     elif select != "metric":
         raise MiniGPTError("a given plan already selects the neurons: --select applies only when planning")
     report = compensate_model(model, stats, pruning_plan.kept_tensors(), "none" if keeps_all else compensate,

@@ -20,7 +20,7 @@ from minigpt.pipeline.compact import compact
 from minigpt.pipeline.compensate import DAMPING, bias_slot, compensate_layer, mark_mlp_bias, moments, obs_keep
 from minigpt.pipeline.data import Batches, resolve_files
 from minigpt.pipeline.importance import STATS_METRICS, stats_scores
-from minigpt.pipeline.planning import PruningPlan, plan_from_scores
+from minigpt.pipeline.planning import MLPPolicy, PruningPlan, plan_from_scores
 from minigpt.pipeline.stats import CalibrationStats, fingerprint
 
 
@@ -93,11 +93,12 @@ def layer_stats(model, layer: int, hidden: list[torch.Tensor], calls: list[list[
     return stats
 
 
-def prune_layer(model, layer: int, stats: CalibrationStats, *, metric: str = "l1", ratio: float, select: str,
-                compensate: str, damping: float = DAMPING, multiple: int = 1, min_keep: float = 0.0) -> list[int]:
-    """Choose layer ``layer``'s kept neurons from its one-layer ``stats`` and refit it in place; the kept indices."""
+def prune_layer(model, layer: int, stats: CalibrationStats, policy: MLPPolicy, *, metric: str = "l1", select: str,
+                compensate: str, damping: float = DAMPING) -> list[int]:
+    """Choose layer ``layer``'s kept neurons from its one-layer ``stats`` by ``policy`` and refit it in place; the
+    kept indices."""
     scores = stats_scores(stats, metric)
-    kept = plan_from_scores(scores, ratio=ratio, multiple=multiple, min_keep=min_keep).kept[0]
+    kept = plan_from_scores(scores, policy).kept[0]
     if select == "obs":
         layout = adapters.get_layout(model)
         down = getattr(adapters.mlps(model)[layer], layout.cols[0])
@@ -108,16 +109,17 @@ def prune_layer(model, layer: int, stats: CalibrationStats, *, metric: str = "l1
 
 
 @torch.inference_mode()
-def prune_sequential(model, tokenizer, data=None, *, ratio: float, metric: str = "l1", select: str = "metric",
-                     compensate: str = "lstsq", damping: float = DAMPING, multiple: int = 1, min_keep: float = 0.0,
-                     max_tokens: int = 16384, seq_len: int = 512, batch_size: int = 8, text_field: str = "text",
+def prune_sequential(model, tokenizer, data=None, *, policy: MLPPolicy, metric: str = "l1", select: str = "metric",
+                     compensate: str = "lstsq", damping: float = DAMPING, max_tokens: int = 16384, seq_len: int = 512, batch_size: int = 8, text_field: str = "text",
                      seed: int | None = 0, doc_tokens: int | None = None, gram_tokens: int | None = None,
                      backend: str = "auto") -> tuple[object, PruningPlan]:
-    """Prune ``model``'s MLPs layer by layer (module doc) removing ``ratio`` of every layer; ``(model, plan)``."""
+    """Prune ``model``'s MLPs layer by layer (module doc) removing ``policy.mlp`` of every layer (a uniform ratio,
+    not reversed); ``(model, plan)``."""
     if metric not in STATS_METRICS:
         raise MiniGPTError(f"--sequential ranks by a statistics metric ({', '.join(STATS_METRICS)}), not {metric}")
-    if not 0 <= ratio < 1:
-        raise MiniGPTError(f"--sequential takes a ratio in [0, 1), got {ratio}")
+    if policy.mlp is None or policy.reverse or policy.scope != "uniform":
+        raise MiniGPTError("--sequential removes a uniform ratio of every layer: not --threshold, --reverse or "
+                           "--scope global")
     fp = fingerprint(model, tokenizer)
     slot = bias_slot(model) if compensate != "none" else "none"
     batches = Batches(tokenizer, resolve_files(data), seq_len=seq_len, batch_size=batch_size, max_tokens=max_tokens,
@@ -129,14 +131,14 @@ def prune_sequential(model, tokenizer, data=None, *, ratio: float, metric: str =
     kept = []
     for layer, block in enumerate(adapters.blocks(model)):
         stats = layer_stats(model, layer, hidden, calls, backend, gram_tokens)
-        kept.append(prune_layer(model, layer, stats, metric=metric, ratio=ratio, select=select,
-                                compensate=compensate, damping=damping, multiple=multiple, min_keep=min_keep))
+        kept.append(prune_layer(model, layer, stats, policy, metric=metric, select=select, compensate=compensate,
+                                damping=damping))
         hidden = [_run_block(block, states, call[layer]).cpu() for states, call in zip(hidden, calls)]
     report = {"method": compensate, "damping": damping if compensate == "lstsq" else None, "bias": slot,
               "gram_tokens": stats.gram_tokens}
-    policy = {"metric": metric, "ratio": ratio, "scope": "uniform", "multiple": multiple, "min_keep": min_keep,
-              "select": select, "sequential": True, "tokens": stats.tokens, "compensate": report}
-    plan = PruningPlan(kept=kept, widths=fp["mlp_widths"], fingerprint=fp, policy=policy)
+    record = {"metric": metric, **policy.record(), "select": select, "sequential": True, "tokens": stats.tokens,
+              "compensate": report}
+    plan = PruningPlan(kept=kept, widths=fp["mlp_widths"], fingerprint=fp, policy=record)
     model = compact(model, plan, backend=backend)
     mark_mlp_bias(model, report)
     return model, plan

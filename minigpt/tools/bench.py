@@ -102,7 +102,7 @@ def load(spec: ModelSpec, device: str, dtype: torch.dtype, trust_remote_code: bo
     from transformers import AutoModelForCausalLM, LlamaConfig
 
     from minigpt.io import load_model
-    from minigpt.pipeline.planning import plan_from_scores
+    from minigpt.pipeline.planning import MLPPolicy, plan_from_scores
     from minigpt.pipeline.prune import prune
 
     if spec.base in NAMED_CONFIGS:
@@ -117,8 +117,8 @@ def load(spec: ModelSpec, device: str, dtype: torch.dtype, trust_remote_code: bo
                            "--experts/--expert-neurons and bench the saved directory")
     if spec.ratio:
         multiple = spec.multiple or 1
-        policy = {"scores": "weight_l2", "ratio": spec.ratio, "scope": "uniform", "multiple": multiple}
-        plan = plan_from_scores(magnitude_scores(model), ratio=spec.ratio, multiple=multiple, policy=policy)
+        record = {"scores": "weight_l2", "ratio": spec.ratio, "scope": "uniform", "multiple": multiple}
+        plan = plan_from_scores(magnitude_scores(model), MLPPolicy(mlp=spec.ratio, multiple=multiple), record=record)
         model, _ = prune(model, pruning_plan=plan)
     if spec.target_params:
         model = budget_prune(model, spec.target_params, spec.multiple or 1)
