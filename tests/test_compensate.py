@@ -291,8 +291,9 @@ def test_cli_budget_and_sequential(model_dir, corpus_dir, tmp_path):
 
 
 @pytest.mark.parametrize("extra", [("--compensate", "lstsq", "--no-gram"), ("--max-ppl-increase", "0"),
-                                   ("--sequential", "--stats", "x.safetensors"), ("--select", "obs", "--out-of-core",
-                                                                                  "--stats", "x.safetensors")])
+                                   ("--sequential", "--stats", "x.safetensors"), ("--sequential", "--reverse"),
+                                   ("--sequential", "--threshold", "0.1"), ("--sequential", "--metric", "maw"),
+                                   ("--select", "obs", "--out-of-core", "--stats", "x.safetensors")])
 def test_bad_compensation_options_fail_fast(model_dir, corpus_dir, tmp_path, capsys, extra):
     if "--stats" in extra:
         CalibrationStats.empty(fingerprint(tiny_model("llama")), gram=True).save(tmp_path / "x.safetensors")

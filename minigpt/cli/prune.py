@@ -99,10 +99,8 @@ def _prune_out_of_core(args, source: Path, out: Path, stats, given_plan, policy,
           f"(weights {sizes['before'] / 2**20:,.1f} MiB -> {sizes['after'] / 2**20:,.1f} MiB)")
 
 
-def _compensation(args, stats, given_plan) -> str:
+def _compensation(args, stats, given_plan, policy) -> str:
     """The --compensate method to apply; refuses, before any heavy work, what cannot be combined."""
-    from minigpt.pipeline.importance import STATS_METRICS
-
     refits = args.compensate not in ("auto", "none") or args.select == "obs"
     what = f"--compensate {args.compensate}" if args.select != "obs" else "--select obs"
     if refits and args.no_gram:
@@ -117,13 +115,13 @@ def _compensation(args, stats, given_plan) -> str:
     if args.max_ppl_increase is not None and (given_plan is not None or args.out_of_core or args.sequential):
         raise MiniGPTError("--max-ppl-increase sizes a plan from one calibration: not with --plan, --out-of-core "
                            "or --sequential")
-    if args.sequential and (stats is not None or given_plan is not None or args.out_of_core or args.vocab
-                            or args.threshold is not None or args.reverse or args.scope != "uniform"):
-        raise MiniGPTError("--sequential calibrates layer by layer with a uniform --ratio: not with --stats, --plan, "
-                           "--out-of-core, --vocab, --threshold, --reverse or --scope global")
-    if args.sequential and args.metric not in STATS_METRICS:
-        raise MiniGPTError(f"--sequential ranks by a statistics metric ({', '.join(STATS_METRICS)}), "
-                           f"not {args.metric}")
+    if args.sequential and (stats is not None or given_plan is not None or args.out_of_core or args.vocab):
+        raise MiniGPTError("--sequential calibrates layer by layer: not with --stats, --plan, --out-of-core or "
+                           "--vocab")
+    if args.sequential:
+        from minigpt.pipeline.sequential import check_policy
+
+        check_policy(policy, args.metric)
     if args.compensate != "auto":
         return args.compensate
     no_gram = args.no_gram or (stats.gram is None if stats is not None else given_plan is not None)
@@ -186,7 +184,7 @@ def cmd_prune(args) -> None:
     if structural and (args.max_ppl_increase is not None or args.sequential):
         raise MiniGPTError("--heads/--hidden/--layers/--target-params do not combine with --max-ppl-increase or "
                            "--sequential (MLP neurons only)")
-    compensate = _compensation(args, stats, given_plan)
+    compensate = _compensation(args, stats, given_plan, policy)
     if args.select == "auto":
         obs = (compensate == "lstsq" and given_plan is None and args.metric == "l1" and not args.reverse
                and not args.out_of_core)

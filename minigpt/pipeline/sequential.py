@@ -108,18 +108,23 @@ def prune_layer(model, layer: int, stats: CalibrationStats, policy: MLPPolicy, *
     return kept
 
 
+def check_policy(policy: MLPPolicy, metric: str) -> None:
+    """Refuse (one line) what layer-by-layer pruning cannot do: a threshold, reverse or global ranking, a metric
+    that needs more than one layer's statistics."""
+    if policy.mlp is None or policy.reverse or policy.scope != "uniform":
+        raise MiniGPTError("--sequential removes a uniform --ratio of every layer: not with --threshold, --reverse "
+                           "or --scope global")
+    if metric not in STATS_METRICS:
+        raise MiniGPTError(f"--sequential ranks by a statistics metric ({', '.join(STATS_METRICS)}), not {metric}")
+
+
 @torch.inference_mode()
 def prune_sequential(model, tokenizer, data=None, *, policy: MLPPolicy, metric: str = "l1", select: str = "metric",
                      compensate: str = "lstsq", damping: float = DAMPING, max_tokens: int = 16384, seq_len: int = 512, batch_size: int = 8, text_field: str = "text",
                      seed: int | None = 0, doc_tokens: int | None = None, gram_tokens: int | None = None,
                      backend: str = "auto") -> tuple[object, PruningPlan]:
-    """Prune ``model``'s MLPs layer by layer (module doc) removing ``policy.mlp`` of every layer (a uniform ratio,
-    not reversed); ``(model, plan)``."""
-    if metric not in STATS_METRICS:
-        raise MiniGPTError(f"--sequential ranks by a statistics metric ({', '.join(STATS_METRICS)}), not {metric}")
-    if policy.mlp is None or policy.reverse or policy.scope != "uniform":
-        raise MiniGPTError("--sequential removes a uniform ratio of every layer: not --threshold, --reverse or "
-                           "--scope global")
+    """Prune ``model``'s MLPs layer by layer (module doc) removing ``policy.mlp`` of every layer; ``(model, plan)``."""
+    check_policy(policy, metric)
     fp = fingerprint(model, tokenizer)
     slot = bias_slot(model) if compensate != "none" else "none"
     batches = Batches(tokenizer, resolve_files(data), seq_len=seq_len, batch_size=batch_size, max_tokens=max_tokens,
