@@ -193,13 +193,15 @@ class Experiment:
 
     def prune(self, cell: Cell):
         """A pruned deep copy of the base model and its plan."""
+        from minigpt.pipeline.planning import MLPPolicy
         from minigpt.pipeline.prune import prune
 
         s = self.settings
         stats = self.stats(cell.domain) if cell.method in NEEDS_STATS else None
         reference = self.reference(cell.domain) if cell.method == "selectivity" else None
-        return prune(copy.deepcopy(self.model), self.tokenizer, stats=stats, metric=cell.method, ratio=cell.ratio,
-                     threshold=cell.threshold, reverse=cell.reverse, reference=reference, seed=s.seed)
+        policy = MLPPolicy(mlp=cell.ratio, threshold=cell.threshold, reverse=cell.reverse)
+        return prune(copy.deepcopy(self.model), self.tokenizer, stats=stats, metric=cell.method, policy=policy,
+                     reference=reference, seed=s.seed)
 
     def run_cell(self, cell: Cell, cross: bool, mcq: bool, finetune: bool) -> dict:
         """Prune, evaluate, fine-tune as asked; each finished stage is saved before the next starts."""
