@@ -22,7 +22,7 @@ StatsTileFn pick_stats_tile() {
 #if defined(__x86_64__)
   if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
       __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq")) {
-    return avx512::stats_tile;
+    return __builtin_cpu_supports("avx512bf16") ? avx512bf16::stats_tile : avx512::stats_tile;
   }
   if (__builtin_cpu_supports("avx2")) return avx2::stats_tile;
 #endif
