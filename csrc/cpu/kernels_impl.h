@@ -99,12 +99,13 @@ namespace minigpt::cpu::MINIGPT_ISA {
 namespace {
 
 // exp(x) (Cephes expf: x = n ln2 + r, degree-6 polynomial in r; about 1 ulp). Vectorisable: no calls, no branches.
-// Returns 0 below -87.3 and inf above 88.37 (where 2^n would leave the normal range), NaN for NaN. V: float or Vec.
-template <class V>
+// Returns 0 below -87.3 and inf above 88.37 (where 2^n would leave the normal range), NaN for NaN. V: float or Vec;
+// kUpper = false for x <= 0 only (the same values without the work of the upper bound).
+template <class V, bool kUpper = true>
 inline V exp_f32(V x) {
   constexpr float kLo = -87.3f, kHi = 88.3762626647949f;
   V xc = select(lt(x, kLo), V(kLo), x);  // NaN stays NaN
-  xc = select(lt(kHi, xc), V(kHi), xc);
+  if constexpr (kUpper) xc = select(lt(kHi, xc), V(kHi), xc);
   const V n = (xc * 1.44269504088896341f + 12582912.0f) - 12582912.0f;  // round(xc / ln2)
   const V r = fma_f32(n, 2.12194440e-4f, fma_f32(n, -0.693359375f, xc));
   V p = 1.9875691500e-4f;
@@ -115,7 +116,8 @@ inline V exp_f32(V x) {
   p = fma_f32(p, r, 5.0000001201e-1f);
   p = fma_f32(p, r * r, r) + 1.0f;
   const V y = p * pow2i(n);
-  return select(lt(kHi, x), V(std::numeric_limits<float>::infinity()), select(lt(x, kLo), V(0.0f), y));
+  const V low = select(lt(x, kLo), V(0.0f), y);
+  return kUpper ? select(lt(kHi, x), V(std::numeric_limits<float>::infinity()), low) : low;
 }
 
 // erfc(z) (Numerical Recipes erfcc: relative error about 1e-7 for z >= 0, reflected for z < 0).
@@ -133,7 +135,7 @@ inline V erfc_f32(V z) {
   p = fma_f32(p, t, 0.37409196f);
   p = fma_f32(p, t, 1.00002368f);
   p = fma_f32(p, t, -1.26551223f);
-  const V r = t * exp_f32(fma_f32(-a, a, p));
+  const V r = t * exp_f32<V, false>(fma_f32(-a, a, p));  // -a² + p <= about 0
   return select(lt(z, 0.0f), 2.0f - r, r);  // z >= 0 ? r : 2 - r (NaN: r, NaN)
 }
 
