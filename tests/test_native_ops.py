@@ -6,8 +6,14 @@ stay within twice the reference's own fp32 error plus a couple of fp32 roundings
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
+from edge_values import assert_same_stats
 
 from minigpt import ops as minigpt_ops
 from minigpt.ops import reference as R
@@ -141,6 +147,70 @@ def test_stats_same_bits_on_any_thread_count():
     for threads, act, *tensors in runs[2:]:
         first = next(r for r in runs if r[1] == act)
         assert all(torch.equal(x, y) for x, y in zip(tensors, first[2:])), (threads, act)
+
+
+ISA_RUN = """
+import sys, torch
+from minigpt.ops import reference as R
+from edge_values import edge_grids
+import minigpt._C  # noqa: F401
+from minigpt import ops as minigpt_ops
+minigpt_ops.get_op("act_stats", "cpp")
+out = []
+g = torch.Generator().manual_seed(5)
+for dtype in (torch.float32, torch.bfloat16, torch.float16):
+    pairs = edge_grids(dtype) + [tuple((torch.randn(300, 133, generator=g) * 8).to(dtype) for _ in range(2))]
+    for act in R.ACTIVATIONS:
+        for gate, up in pairs:
+            for u in (up, None):
+                acc, nnz = torch.zeros(3, gate.shape[1]), torch.zeros(gate.shape[1], dtype=torch.int64)
+                h = torch.ops.minigpt.act_stats(gate, u, act, R.active_min(act), acc, nnz)
+                out.append((dtype, act, u is not None, gate, u, h, acc, nnz))
+    acc, nnz = torch.zeros(3, 133), torch.zeros(133, dtype=torch.int64)
+    torch.ops.minigpt.column_stats(pairs[-1][0], acc, nnz)
+    out.append((dtype, "column_stats", False, pairs[-1][0], None, pairs[-1][0], acc, nnz))
+torch.save(out, sys.argv[1])
+"""
+
+
+def run_isa(isa: str, path) -> list | None:
+    """ISA_RUN's results with the kernels of ``isa`` (MINIGPT_CPU_ISA; "" = the default), or None if this CPU lacks it."""
+    tests = Path(__file__).parent
+    env = {**os.environ, "MINIGPT_CPU_ISA": isa, "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join([str(tests.parent), str(tests), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.run([sys.executable, "-c", ISA_RUN, str(path)], env=env, capture_output=True, text=True)
+    if proc.returncode and "is not an instruction set of this CPU" in proc.stderr:
+        return None
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return torch.load(path)
+
+
+def same_bits(x: torch.Tensor, y: torch.Tensor) -> bool:
+    """Equal bits, any NaN equal to any NaN (payloads differ between conversions)."""
+    nan = x.isnan()
+    return torch.equal(nan, y.isnan()) and torch.equal(x[~nan].view(-1).float().view(torch.int32),
+                                                       y[~nan].view(-1).float().view(torch.int32))
+
+
+def test_every_instruction_set_agrees(tmp_path):
+    """The kernels of every instruction set this CPU runs on edge values and random inputs, every dtype and
+    activation: AVX2, AVX-512 and AVX512_BF16 (FMA polynomials) give the default's bits; the SSE2 baseline (its FMAs
+    rounded twice) the reference's counts and NaN/±inf, h and the sums within fp32 rounding."""
+    default = run_isa("", tmp_path / "default.pt")
+    ran = []
+    for isa in ("base", "avx2", "avx512", "avx512bf16"):
+        results = run_isa(isa, tmp_path / f"{isa}.pt")
+        if results is None:
+            continue
+        ran.append(isa)
+        for (dtype, act, gated, gate, up, *ours), (*_, h, acc, nnz) in zip(results, default):
+            if isa != "base":
+                assert all(same_bits(x, y) for x, y in zip(ours, (h, acc, nnz))), (isa, dtype, act, gated)
+            else:
+                exact = act in EXACT_ACTS
+                assert_same_stats(ours, (h, acc, nnz), up, exact_values=exact,
+                                  nan_exact=exact or up is None or bool(up.isfinite().all()))
+    assert "base" in ran
 
 
 @pytest.mark.parametrize("device", DEVICES)

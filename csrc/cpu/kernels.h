@@ -1,4 +1,5 @@
-// CPU statistics kernels, compiled once per instruction set (kernels_base.cpp, kernels_avx2.cpp, kernels_avx512.cpp).
+// CPU statistics kernels, compiled once per instruction set (kernels_base.cpp, kernels_avx2.cpp, kernels_avx512.cpp,
+// kernels_avx512bf16.cpp).
 #pragma once
 
 #include "../kernel_args.h"
@@ -34,6 +35,9 @@ namespace avx2 {
 void stats_tile(const StatsArgs& a, int64_t t0, int64_t t1, int64_t c0, int64_t nc, const Partial& p);
 }
 namespace avx512 {
+void stats_tile(const StatsArgs& a, int64_t t0, int64_t t1, int64_t c0, int64_t nc, const Partial& p);
+}
+namespace avx512bf16 {
 void stats_tile(const StatsArgs& a, int64_t t0, int64_t t1, int64_t c0, int64_t nc, const Partial& p);
 }
 #endif

@@ -1,5 +1,6 @@
 // Body of the CPU statistics kernels. Included by one .cpp per instruction set, which defines MINIGPT_ISA
-// (the namespace) and the target; plain loops over contiguous columns that the compiler vectorises.
+// (the namespace) and the target; plain loops over contiguous columns that the compiler vectorises, or on AVX-512
+// (MINIGPT_AVX512) the same math on explicit 16-lane vectors (vec512.h), as fast as ATen's own vectorised kernels.
 // Built with -ffp-contract=off (FMAs only where written, fma_f32: the AVX2 and AVX-512 kernels give the same bits),
 // -fno-trapping-math (selects vectorise) and -fno-tree-loop-distribute-patterns (no memcpy/memset calls).
 #ifndef MINIGPT_ISA
@@ -80,29 +81,51 @@ inline float fma_f32(float a, float b, float c) {
 #endif
 }
 
+// The scalar primitives of the activations (vec512.h has the same for 16 lanes, so one definition of the math gives
+// the same bits in both): a < b, a > b, c ? a : b, |a|, 2^n for an integral n.
+inline bool lt(float a, float b) { return a < b; }
+inline float select(bool c, float a, float b) { return c ? a : b; }
+inline float abs_f32(float a) { return std::fabs(a); }
+inline float pow2i(float n) { return bit_cast<float>(uint32_t(int32_t(n) + 127) << 23); }
+
+}  // namespace
+}  // namespace minigpt::cpu::MINIGPT_ISA
+
+#if defined(MINIGPT_AVX512)
+#include "vec512.h"
+#endif
+
+namespace minigpt::cpu::MINIGPT_ISA {
+namespace {
+
 // exp(x) (Cephes expf: x = n ln2 + r, degree-6 polynomial in r; about 1 ulp). Vectorisable: no calls, no branches.
-// Returns 0 below -87.3 and inf above 88.37 (where 2^n would leave the normal range), NaN for NaN.
-inline float exp_f32(float x) {
+// Returns 0 below -87.3 and inf above 88.37 (where 2^n would leave the normal range), NaN for NaN. V: float or Vec;
+// kUpper = false for x <= 0 only (the same values without the work of the upper bound).
+template <class V, bool kUpper = true>
+inline V exp_f32(V x) {
   constexpr float kLo = -87.3f, kHi = 88.3762626647949f;
-  const float xc = std::min(std::max(x, kLo), kHi);
-  const float n = (xc * 1.44269504088896341f + 12582912.0f) - 12582912.0f;  // round(xc / ln2)
-  const float r = fma_f32(n, 2.12194440e-4f, fma_f32(n, -0.693359375f, xc));
-  float p = 1.9875691500e-4f;
+  V xc = select(lt(x, kLo), V(kLo), x);  // NaN stays NaN
+  if constexpr (kUpper) xc = select(lt(kHi, xc), V(kHi), xc);
+  const V n = (xc * 1.44269504088896341f + 12582912.0f) - 12582912.0f;  // round(xc / ln2)
+  const V r = fma_f32(n, 2.12194440e-4f, fma_f32(n, -0.693359375f, xc));
+  V p = 1.9875691500e-4f;
   p = fma_f32(p, r, 1.3981999507e-3f);
   p = fma_f32(p, r, 8.3334519073e-3f);
   p = fma_f32(p, r, 4.1665795894e-2f);
   p = fma_f32(p, r, 1.6666665459e-1f);
   p = fma_f32(p, r, 5.0000001201e-1f);
   p = fma_f32(p, r * r, r) + 1.0f;
-  const float y = p * bit_cast<float>(uint32_t(int32_t(n) + 127) << 23);
-  return x > kHi ? std::numeric_limits<float>::infinity() : (x < kLo ? 0.0f : y);
+  const V y = p * pow2i(n);
+  const V low = select(lt(x, kLo), V(0.0f), y);
+  return kUpper ? select(lt(kHi, x), V(std::numeric_limits<float>::infinity()), low) : low;
 }
 
 // erfc(z) (Numerical Recipes erfcc: relative error about 1e-7 for z >= 0, reflected for z < 0).
-inline float erfc_f32(float z) {
-  const float a = std::fabs(z);
-  const float t = 1.0f / fma_f32(0.5f, a, 1.0f);
-  float p = 0.17087277f;
+template <class V>
+inline V erfc_f32(V z) {
+  const V a = abs_f32(z);
+  const V t = 1.0f / fma_f32(0.5f, a, 1.0f);
+  V p = 0.17087277f;
   p = fma_f32(p, t, -0.82215223f);
   p = fma_f32(p, t, 1.48851587f);
   p = fma_f32(p, t, -1.13520398f);
@@ -112,23 +135,23 @@ inline float erfc_f32(float z) {
   p = fma_f32(p, t, 0.37409196f);
   p = fma_f32(p, t, 1.00002368f);
   p = fma_f32(p, t, -1.26551223f);
-  const float r = t * exp_f32(fma_f32(-a, a, p));
-  return z >= 0.0f ? r : 2.0f - r;
+  const V r = t * exp_f32<V, false>(fma_f32(-a, a, p));  // -a² + p <= about 0
+  return select(lt(z, 0.0f), 2.0f - r, r);  // z >= 0 ? r : 2 - r (NaN: r, NaN)
 }
 
 // The activations of minigpt.reference, written without cancellation: x·sigmoid(x); 0.5x(1 + tanh y) = x·sigmoid(2y);
 // 0.5x(1 + erf(x/√2)) = 0.5x·erfc(-x/√2). NaN in, NaN out.
-template <Act A>
-inline float activate(float x) {
+template <Act A, class V>
+inline V activate(V x) {
   if constexpr (A == Act::silu) {
     return x / (1.0f + exp_f32(-x));
   } else if constexpr (A == Act::gelu_tanh) {
-    const float y = 0.7978845608028654f * (x + 0.044715f * x * x * x);
+    const V y = 0.7978845608028654f * (x + 0.044715f * x * x * x);
     return x / (1.0f + exp_f32(-2.0f * y));
   } else if constexpr (A == Act::gelu) {
     return 0.5f * x * erfc_f32(-0.7071067811865476f * x);
   } else if constexpr (A == Act::relu) {
-    return x < 0.0f ? 0.0f : x;
+    return select(lt(x, 0.0f), V(0.0f), x);
   } else {
     return x;
   }
@@ -169,7 +192,7 @@ inline void accumulate_rows(const StatsArgs& a, int64_t t, int64_t c0, int64_t n
       if constexpr (kOut) o[r * N + j] = from_float<T>(v);
       const float av = std::fabs(v);
       sum1 += av;
-      sum2 += v * v;
+      sum2 = fma_f32(v, v, sum2);
       m = av > m ? av : m;  // NaN skipped here, restored from Σ|h| in the fold (ops_cpu.cpp)
       count += active;
     }
@@ -179,6 +202,57 @@ inline void accumulate_rows(const StatsArgs& a, int64_t t, int64_t c0, int64_t n
     nz[j] = count;
   }
 }
+
+#if defined(MINIGPT_AVX512)
+// accumulate_rows for the 16 columns [j, j + 16) (the lanes `lanes` only where kTail) with the same operations in
+// the same order: the same bits. The accumulators have 16 lanes of padding: whole vectors.
+template <class T, Act A, bool kGated, bool kOut, int R, bool kTail>
+inline void accumulate_vec(const StatsArgs& a, const T* g, const T* u, T* o, int64_t j, Mask lanes,
+                           float* __restrict s1, float* __restrict s2, float* __restrict mx, int32_t* __restrict nz) {
+  const int64_t N = a.N;
+  const __m512 active_min = _mm512_set1_ps(a.active_min), zero = _mm512_setzero_ps();
+  __m512 sum1 = _mm512_load_ps(s1 + j), sum2 = _mm512_load_ps(s2 + j), m = _mm512_load_ps(mx + j);
+  __m512i count = _mm512_load_si512(nz + j);
+#pragma GCC unroll 32
+  for (int r = 0; r < R; ++r) {
+    const Vec x = load<kTail>(g + r * N + j, lanes);
+    Vec v = activate<A>(x);
+    // is_active: x >= active_min and x != 0; is_number_nonzero(y): y != 0 and not NaN
+    Mask active = _mm512_mask_cmp_ps_mask(_mm512_cmp_ps_mask(x.v, active_min, _CMP_GE_OQ), x.v, zero, _CMP_NEQ_UQ);
+    if constexpr (kGated) {
+      const Vec y = load<kTail>(u + r * N + j, lanes);
+      v = v * y;
+      active = _mm512_mask_cmp_ps_mask(active, y.v, zero, _CMP_NEQ_OQ);
+    }
+    if constexpr (kOut) store<kTail>(o + r * N + j, lanes, v);
+    const __m512 av = _mm512_abs_ps(v.v);
+    sum1 = _mm512_add_ps(sum1, av);
+    sum2 = _mm512_fmadd_ps(v.v, v.v, sum2);  // fma_f32(v, v, sum2)
+    m = _mm512_max_ps(av, m);  // av > m ? av : m
+    count = _mm512_mask_sub_epi32(count, active, count, _mm512_set1_epi32(-1));
+  }
+  _mm512_store_ps(s1 + j, sum1);
+  _mm512_store_ps(s2 + j, sum2);
+  _mm512_store_ps(mx + j, m);
+  _mm512_store_si512(nz + j, count);
+}
+
+// accumulate_rows, 16 columns a vector.
+template <class T, Act A, bool kGated, bool kOut, int R>
+inline void accumulate_rows_vec(const StatsArgs& a, int64_t t, int64_t c0, int64_t nc, float* __restrict s1,
+                                float* __restrict s2, float* __restrict mx, int32_t* __restrict nz) {
+  const int64_t off = t * a.N + c0;
+  const T* g = static_cast<const T*>(a.gate) + off;
+  const T* u = kGated ? static_cast<const T*>(a.up) + off : nullptr;
+  T* o = kOut ? static_cast<T*>(a.out) + off : nullptr;
+  int64_t j = 0;
+  for (; j + 16 <= nc; j += 16) accumulate_vec<T, A, kGated, kOut, R, false>(a, g, u, o, j, 0xFFFF, s1, s2, mx, nz);
+  if (j < nc) accumulate_vec<T, A, kGated, kOut, R, true>(a, g, u, o, j, Mask((1u << (nc - j)) - 1u), s1, s2, mx, nz);
+}
+#define MINIGPT_ACCUMULATE_ROWS accumulate_rows_vec
+#else
+#define MINIGPT_ACCUMULATE_ROWS accumulate_rows
+#endif
 
 // Rows per accumulator pass (kChunk is a multiple).
 constexpr int kRows = 4;
@@ -201,8 +275,8 @@ void stats_tile_impl(const StatsArgs& a, int64_t t0, int64_t t1, int64_t c0, int
     std::fill_n(nz, nc, 0);
     const int64_t c_end = std::min(t1, c + kChunk);
     int64_t t = c;
-    for (; t + kRows <= c_end; t += kRows) accumulate_rows<T, A, kGated, kOut, kRows>(a, t, c0, nc, s1, s2, mx, nz);
-    for (; t < c_end; ++t) accumulate_rows<T, A, kGated, kOut, 1>(a, t, c0, nc, s1, s2, mx, nz);
+    for (; t + kRows <= c_end; t += kRows) MINIGPT_ACCUMULATE_ROWS<T, A, kGated, kOut, kRows>(a, t, c0, nc, s1, s2, mx, nz);
+    for (; t < c_end; ++t) MINIGPT_ACCUMULATE_ROWS<T, A, kGated, kOut, 1>(a, t, c0, nc, s1, s2, mx, nz);
     for (int64_t j = 0; j < nc; ++j) {
       p.s1[j] += s1[j];
       p.s2[j] += s2[j];

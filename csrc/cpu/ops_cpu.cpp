@@ -5,8 +5,10 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
 #include <limits>
+#include <string>
 #include <vector>
 
 #include "../common.h"
@@ -18,14 +20,25 @@ namespace {
 // Inputs smaller than this (elements) run on one thread.
 constexpr int64_t kSerialWork = 1 << 15;
 
+// The widest kernel this CPU runs, or the one MINIGPT_CPU_ISA names (base, avx2, avx512, avx512bf16: the tests
+// compare their bits).
 StatsTileFn pick_stats_tile() {
+  const char* env = std::getenv("MINIGPT_CPU_ISA");
+  const std::string want = env ? env : "";
 #if defined(__x86_64__)
-  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-      __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq")) {
-    return avx512::stats_tile;
+  const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  const bool avx512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                      __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
+  const bool avx512bf16 = avx512 && __builtin_cpu_supports("avx512bf16");
+  if (want.empty()) {
+    return avx512bf16 ? avx512bf16::stats_tile : avx512 ? avx512::stats_tile : avx2 ? avx2::stats_tile : base::stats_tile;
   }
-  if (__builtin_cpu_supports("avx2")) return avx2::stats_tile;
+  if (want == "avx512bf16" && avx512bf16) return avx512bf16::stats_tile;
+  if (want == "avx512" && avx512) return avx512::stats_tile;
+  if (want == "avx2" && avx2) return avx2::stats_tile;
 #endif
+  TORCH_CHECK(want.empty() || want == "base", "minigpt: MINIGPT_CPU_ISA=", want,
+              " is not an instruction set of this CPU's kernels (base, avx2, avx512, avx512bf16)");
   return base::stats_tile;
 }
 

@@ -1,0 +1,89 @@
+// 16 fp32 lanes of AVX-512 with the scalar primitives of kernels_impl.h (operators, fma_f32, lt, select, abs_f32,
+// pow2i), so that the one definition of exp, erfc and the activations gives the same bits as the scalar code; and
+// the loads and stores of the three input dtypes, rounded as from_float. Included by kernels_impl.h, inside the
+// AVX-512 target only (MINIGPT_AVX512). MINIGPT_AVX512_BF16 (AVX512_BF16 CPUs) rounds bf16 with vcvtneps2bf16.
+#pragma once
+
+#include <immintrin.h>
+
+namespace minigpt::cpu::MINIGPT_ISA {
+namespace {
+
+struct Vec {
+  __m512 v;
+  Vec(__m512 x) : v(x) {}
+  Vec(float x) : v(_mm512_set1_ps(x)) {}
+};
+using Mask = __mmask16;
+
+inline Vec operator+(Vec a, Vec b) { return _mm512_add_ps(a.v, b.v); }
+inline Vec operator-(Vec a, Vec b) { return _mm512_sub_ps(a.v, b.v); }
+inline Vec operator*(Vec a, Vec b) { return _mm512_mul_ps(a.v, b.v); }
+inline Vec operator/(Vec a, Vec b) { return _mm512_div_ps(a.v, b.v); }
+inline Vec operator-(Vec a) { return _mm512_castsi512_ps(_mm512_xor_si512(_mm512_castps_si512(a.v), _mm512_set1_epi32(INT32_MIN))); }
+inline Vec fma_f32(Vec a, Vec b, Vec c) { return _mm512_fmadd_ps(a.v, b.v, c.v); }
+inline Mask lt(Vec a, Vec b) { return _mm512_cmp_ps_mask(a.v, b.v, _CMP_LT_OQ); }
+inline Vec select(Mask c, Vec a, Vec b) { return _mm512_mask_blend_ps(c, b.v, a.v); }
+inline Vec abs_f32(Vec a) { return _mm512_abs_ps(a.v); }
+inline Vec pow2i(Vec n) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_add_epi32(_mm512_cvttps_epi32(n.v), _mm512_set1_epi32(127)), 23));
+}
+
+
+// p[0, 16) as fp32, exact as to_float; the lanes m only where kTail (0 elsewhere: masked accesses are slower).
+template <bool kTail>
+inline Vec load(const float* p, Mask m) {
+  return kTail ? _mm512_maskz_loadu_ps(m, p) : _mm512_loadu_ps(p);
+}
+template <bool kTail>
+inline __m512i load_u16(const void* p, Mask m) {
+  return _mm512_cvtepu16_epi32(kTail ? _mm256_maskz_loadu_epi16(m, p) : _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+}
+template <bool kTail>
+inline Vec load(const BFloat16* p, Mask m) { return _mm512_castsi512_ps(_mm512_slli_epi32(load_u16<kTail>(p, m), 16)); }
+template <bool kTail>
+inline Vec load(const Half* p, Mask m) {
+  return _mm512_cvtph_ps(kTail ? _mm256_maskz_loadu_epi16(m, p) : _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+}
+
+template <bool kTail>
+inline void store_u16(void* p, Mask m, __m256i x) {
+  if constexpr (kTail) {
+    _mm256_mask_storeu_epi16(p, m, x);
+  } else {
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), x);
+  }
+}
+
+// v rounded to T into lanes m of p, with from_float's bits (NaN: any NaN for Half, 0x7FC0 for BFloat16).
+template <bool kTail>
+inline void store(float* p, Mask m, Vec v) {
+  if constexpr (kTail) {
+    _mm512_mask_storeu_ps(p, m, v.v);
+  } else {
+    _mm512_storeu_ps(p, v.v);
+  }
+}
+template <bool kTail>
+inline void store(Half* p, Mask m, Vec v) {
+  store_u16<kTail>(p, m, _mm512_cvtps_ph(v.v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+}
+template <bool kTail>
+inline void store(BFloat16* p, Mask m, Vec v) {
+#if defined(MINIGPT_AVX512_BF16)
+  // vcvtneps2bf16 rounds to nearest even but flushes subnormals and keeps NaN payloads: those vectors take the
+  // integer path below (fpclass 0xA1: quiet NaN, signalling NaN, subnormal)
+  if (_mm512_fpclass_ps_mask(v.v, 0xA1) == 0) {
+    store_u16<kTail>(p, m, (__m256i)_mm512_cvtneps_pbh(v.v));
+    return;
+  }
+#endif
+  const __m512i u = _mm512_castps_si512(v.v);
+  const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+  __m512i r = _mm512_srli_epi32(_mm512_add_epi32(_mm512_add_epi32(u, _mm512_set1_epi32(0x7FFF)), odd), 16);
+  r = _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(v.v, v.v, _CMP_UNORD_Q), _mm512_set1_epi32(0x7FC0));
+  store_u16<kTail>(p, m, _mm512_cvtepi32_epi16(r));
+}
+
+}  // namespace
+}  // namespace minigpt::cpu::MINIGPT_ISA
