@@ -279,7 +279,8 @@ def finetune(
         "history": history,
         "settings": {"seq_len": seq_len, "batch_size": batch_size, "grad_accum": grad_accum,
                      "learning_rate": learning_rate, "lr_scheduler": lr_scheduler, "max_steps": max_steps,
-                     "eval_every": eval_every, "eval_tokens": eval_tokens, "train_tokens": train_tokens,
+                     "eval_every": eval_every, "eval_tokens": eval_tokens, "eval_doc_tokens": eval_doc_tokens,
+                     "train_tokens": train_tokens,
                      "bf16": bf16, "distill": teacher is not None,
                      **({"distill_alpha": distill_alpha, "distill_temperature": distill_temperature}
                         if teacher is not None else {})},
