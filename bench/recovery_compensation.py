@@ -58,7 +58,9 @@ def markdown(result: dict) -> str:
     first = next(iter(result["curves"].values()))["finetune"]
     s = first["settings"]
     per_doc = f" (≤ {s['eval_doc_tokens']} from each document)" if s.get("eval_doc_tokens") else ""
-    lines = [(f"Recovery fine-tuning on stdlib (plain language-model loss, lr {s['learning_rate']}, "
+    rates = " / ".join(dict.fromkeys(str(c["finetune"]["settings"]["learning_rate"])
+                                     for c in result["curves"].values()))
+    lines = [(f"Recovery fine-tuning on stdlib (plain language-model loss, lr {rates}, "
              f"{s['lr_scheduler']}, batch {s['batch_size']} × {s['seq_len']} tokens = "
              f"{s['batch_size'] * s['seq_len'] * s['grad_accum']} tokens a step), held-out perplexity on "
              f"{s['eval_tokens']:,} stdlib-heldout tokens{per_doc} every {s['eval_every']} steps; unpruned model "
