@@ -62,7 +62,9 @@ def markdown(result: dict) -> str:
                                      for c in result["curves"].values()))
     lines = [(f"Recovery fine-tuning on stdlib (plain language-model loss, lr {rates}, "
              f"{s['lr_scheduler']}, batch {s['batch_size']} × {s['seq_len']} tokens = "
-             f"{s['batch_size'] * s['seq_len'] * s['grad_accum']} tokens a step), held-out perplexity on "
+             f"{s['batch_size'] * s['seq_len'] * s['grad_accum']} tokens a step"
+             + (f", ≤ {s['train_doc_tokens']} tokens of each training document" if s.get("train_doc_tokens") else
+                ", whole training documents") + "), held-out perplexity on "
              f"{s['eval_tokens']:,} stdlib-heldout tokens{per_doc} every {s['eval_every']} steps; unpruned model "
              f"{result['base_perplexity']:.3f}."), "",
              "| step | tokens | " + " | ".join(result["curves"]) + " |", "|---:|---:|" + "---:|" * len(result["curves"])]
