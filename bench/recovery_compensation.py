@@ -3,7 +3,8 @@
 Collects the ``minigpt finetune`` outputs of the same plan pruned with and without the refit (their
 ``minigpt_report.json``), and writes ``<out>.json``, ``<out>.md`` and ``<out>.png`` (perplexity against
 fine-tuning tokens, with the unpruned model's). For each curve and each threshold (the unpruned perplexity ×
-1, 1.25, 1.5, 1.75, 2, 2.25) it gives the first evaluated step at or below it (None: not reached within the run).
+1, 1.05, 1.1, 1.25, 1.5, 1.75, 2, 2.25) it gives the first evaluated step at or below it (None: not reached within
+the run).
 
     python -m bench.recovery_compensation --runs "l1 40 %=ft_none" "l1+lstsq 40 %=ft_lstsq" \
         --out bench/results/recovery_compensation_smollm2
@@ -17,7 +18,7 @@ from pathlib import Path
 
 from minigpt.tools.experiment import plot_recovery
 
-FACTORS = (1.0, 1.25, 1.5, 1.75, 2.0, 2.25)
+FACTORS = (1.0, 1.05, 1.1, 1.25, 1.5, 1.75, 2.0, 2.25)
 
 
 def first_step(history: list[dict], limit: float) -> int | None:
@@ -56,10 +57,15 @@ def collect(runs: dict[str, Path]) -> dict:
 def markdown(result: dict) -> str:
     first = next(iter(result["curves"].values()))["finetune"]
     s = first["settings"]
-    lines = [(f"Recovery fine-tuning on stdlib (plain language-model loss, lr {s['learning_rate']}, "
+    per_doc = f" (≤ {s['eval_doc_tokens']} from each document)" if s.get("eval_doc_tokens") else ""
+    rates = " / ".join(dict.fromkeys(str(c["finetune"]["settings"]["learning_rate"])
+                                     for c in result["curves"].values()))
+    lines = [(f"Recovery fine-tuning on stdlib (plain language-model loss, lr {rates}, "
              f"{s['lr_scheduler']}, batch {s['batch_size']} × {s['seq_len']} tokens = "
-             f"{s['batch_size'] * s['seq_len'] * s['grad_accum']} tokens a step), held-out perplexity on "
-             f"{s['eval_tokens']:,} stdlib-heldout tokens every {s['eval_every']} steps; unpruned model "
+             f"{s['batch_size'] * s['seq_len'] * s['grad_accum']} tokens a step"
+             + (f", ≤ {s['train_doc_tokens']} tokens of each training document" if s.get("train_doc_tokens") else
+                ", whole training documents") + "), held-out perplexity on "
+             f"{s['eval_tokens']:,} stdlib-heldout tokens{per_doc} every {s['eval_every']} steps; unpruned model "
              f"{result['base_perplexity']:.3f}."), "",
              "| step | tokens | " + " | ".join(result["curves"]) + " |", "|---:|---:|" + "---:|" * len(result["curves"])]
     steps = sorted({h["step"] for c in result["curves"].values() for h in c["finetune"]["history"]})

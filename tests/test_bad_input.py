@@ -266,6 +266,8 @@ MISSING = ("--model", "/nonexistent/model", "--data", "/nonexistent/corpus")  # 
     (["calibrate", *MISSING, "--checkpoint-every", "-1"], "--checkpoint-every must be ≥ 0"),
     (["eval", *MISSING, "--stride", "0"], "--stride must be a positive integer"),
     (["finetune", *MISSING, "--lr", "-1"], "--lr must be > 0"),
+    (["finetune", *MISSING, "--train-doc-tokens", "0"], "--train-doc-tokens must be a positive integer"),
+    (["finetune", *MISSING, "--eval-doc-tokens", "0"], "--eval-doc-tokens must be a positive integer"),
     (["mcq", "--model", "/nonexistent/model", "--questions", "/nonexistent/q.jsonl", "--choices", "1"],
      "--choices must be ≥ 2"),
     (["bench", "--model", "/nonexistent/model", "--batch-sizes", "1,0"], "--batch-sizes must be a positive integer"),

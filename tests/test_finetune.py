@@ -64,6 +64,17 @@ def test_token_stream_passes_are_shuffled_permutations(tiny_tokenizer, split):
     assert [next(reseeded)["input_ids"].tolist() for _ in plain] != passes[0]
 
 
+
+def test_token_stream_doc_tokens_spreads_a_pass_over_every_document(tiny_tokenizer, split):
+    files = [Path(f) for f in split[0]]
+    windows = list(Batches(tiny_tokenizer, files, seq_len=16, batch_size=1, doc_tokens=48).sequences())
+    whole = list(Batches(tiny_tokenizer, files, seq_len=16, batch_size=1).sequences())
+    assert 3 * 48 // 16 - 2 <= len(windows) <= 3 * 48 // 16 < len(whole)  # ≤ 48 tokens of each of the 3 files
+    stream = iter(TokenStream(tiny_tokenizer, files, 16, None, shuffle_buffer=4, doc_tokens=48))
+    one_pass = [next(stream)["input_ids"].tolist() for _ in windows]
+    assert sorted(one_pass) == sorted(windows)
+    assert next(stream)["input_ids"].tolist() in windows  # the next pass cycles over the same windows
+
 def test_overfitting_rule():
     h = lambda p, loss: {"perplexity": p, "train_loss": loss}
     start = {"perplexity": 9.0, "train_loss": None}
@@ -204,3 +215,27 @@ def test_cli_distill_needs_the_unpruned_model(tiny_tokenizer, corpus_dir, tmp_pa
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and "--distill needs the unpruned model" in err[0]
     assert not (tmp_path / "out").exists()
+
+
+def test_cli_doc_tokens_options(tiny_tokenizer, corpus_dir, tmp_path, capsys):
+    src, pruned, tuned = tmp_path / "tiny", tmp_path / "pruned", tmp_path / "tuned"
+    heldout = [str(corpus_dir / f) for f in ("shlex.py.txt", "glob.py.txt")]
+    tiny_model("llama").save_pretrained(src)
+    tiny_tokenizer.save_pretrained(src)
+    assert main(["prune", "--model", str(src), "--metric", "maw", "--ratio", "0.25", "--compensate", "none",
+                 "--no-eval", "--out", str(pruned), "--no-progress"]) == 0
+    capsys.readouterr()
+    code = main(["finetune", "--model", str(pruned), "--data", str(corpus_dir / "heapq.py.txt"), "--eval-data",
+                 *heldout, "--out", str(tuned), "--max-steps", "2", "--eval-every", "2", "--seq-len", "64",
+                 "--eval-tokens", "256", "--eval-seq-len", "64", "--eval-doc-tokens", "128",
+                 "--train-doc-tokens", "64", "--no-progress", "--json"])
+    report = json.loads(capsys.readouterr().out)
+    assert code == 0 and report["settings"]["eval_doc_tokens"] == 128 and report["settings"]["train_doc_tokens"] == 64
+    ppl = {"seq_len": 64, "max_tokens": 256}
+    source, tok = minigpt.load_model(src)
+    spread = perplexity(source, tok, heldout, doc_tokens=128, **ppl)["perplexity"]
+    assert report["target"] == pytest.approx(spread, rel=1e-5)
+    assert spread != pytest.approx(perplexity(source, tok, heldout, **ppl)["perplexity"], rel=1e-3)  # 2 files, not 1
+    start, _ = minigpt.load_model(pruned)
+    assert report["history"][0]["perplexity"] == pytest.approx(
+        perplexity(start, tok, heldout, doc_tokens=128, **ppl)["perplexity"], rel=1e-5)

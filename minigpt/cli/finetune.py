@@ -40,8 +40,12 @@ def add_parser(subparsers):
     p.add_argument("--distill-alpha", type=float, default=0.5, help="weight of the distillation term (default 0.5)")
     p.add_argument("--distill-temperature", type=float, default=1.0)
     p.add_argument("--train-tokens", type=int, help="size of the fine-tuning set, cycled (default: whole corpus)")
+    p.add_argument("--train-doc-tokens", type=int, help="at most this many tokens of each training document (a "
+                   "seeded window), so that a short run sees many documents (default: all)")
     p.add_argument("--eval-tokens", type=int, default=4096)
     p.add_argument("--eval-seq-len", type=int, default=512)
+    p.add_argument("--eval-doc-tokens", type=int, help="at most this many held-out tokens per document, so that "
+                   "--eval-tokens spans many documents (the target is measured on the same tokens)")
     p.add_argument("--patience", type=int, default=2,
                    help="evaluations without improvement (or rising while the training loss falls) before stopping")
     p.add_argument("--gradient-checkpointing", action="store_true")
@@ -83,7 +87,7 @@ def run(args) -> None:
     resolve_files(eval_data)
     device, _ = device_dtype(args)
     dtype = getattr(torch, args.dtype) if args.dtype != "auto" else torch.float32  # bf16 = mixed precision
-    ppl = {"seq_len": args.eval_seq_len, "max_tokens": args.eval_tokens}
+    ppl = {"seq_len": args.eval_seq_len, "max_tokens": args.eval_tokens, "doc_tokens": args.eval_doc_tokens}
     target, source = args.target, _target_model(args)
     if args.distill and source is None:
         raise MiniGPTError("--distill needs the unpruned model: give --target-model (the model has no "
@@ -99,10 +103,12 @@ def run(args) -> None:
     model, tokenizer = load_model(args.model, dtype=dtype, device=device, trust_remote_code=args.trust_remote_code)
     report = finetune(model, tokenizer, data, eval_data, target=target, max_steps=args.max_steps,
                       eval_every=args.eval_every, seq_len=args.seq_len, batch_size=args.batch_size,
-                      grad_accum=args.grad_accum, train_tokens=args.train_tokens, learning_rate=args.lr,
+                      grad_accum=args.grad_accum, train_tokens=args.train_tokens,
+                      train_doc_tokens=args.train_doc_tokens, learning_rate=args.lr,
                       lr_scheduler=args.lr_scheduler, teacher=teacher, distill_alpha=args.distill_alpha,
                       distill_temperature=args.distill_temperature,
-                      eval_tokens=args.eval_tokens, eval_seq_len=args.eval_seq_len, patience=args.patience,
+                      eval_tokens=args.eval_tokens, eval_seq_len=args.eval_seq_len,
+                      eval_doc_tokens=args.eval_doc_tokens, patience=args.patience,
                       gradient_checkpointing=args.gradient_checkpointing, seed=args.seed,
                       progress=not args.no_progress)
     report["target_model"] = str(source) if source else None

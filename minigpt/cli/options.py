@@ -36,6 +36,7 @@ RULES: dict[str, tuple] = {
     # fine-tuning
     "max_steps": _POSITIVE, "eval_every": _POSITIVE, "grad_accum": _POSITIVE, "lr": _STRICT_POSITIVE,
     "distill_alpha": _FRACTION, "distill_temperature": _STRICT_POSITIVE, "train_tokens": _POSITIVE,
+    "train_doc_tokens": _POSITIVE,
     "patience": _NON_NEGATIVE, "target": _STRICT_POSITIVE,
     # mcq, bench
     "count": _POSITIVE, "choices": (lambda v: v >= 2, "≥ 2"),

@@ -1,7 +1,8 @@
 """Recovery fine-tuning: full fine-tuning of a (pruned) model on its domain with ``transformers.Trainer``.
 
 Training sequences stream from the domain corpus (``data.Batches``, packed, no padding), cycled over a
-fine-tuning set of ``train_tokens`` (default: the whole corpus). Every ``eval_every`` optimiser steps the held-out
+fine-tuning set of ``train_tokens`` (default: the whole corpus), at most ``train_doc_tokens`` of each document
+(default: all). Every ``eval_every`` optimiser steps the held-out
 perplexity (``evaluation.perplexity``) is measured; training stops when it is at or below ``target``, when it
 over-fits (held-out perplexity rose at each of the last ``patience`` evaluations while the mean training loss
 fell), when it stalls (none of the last ``patience`` evaluations beat the best before them), or after
@@ -35,12 +36,15 @@ class TokenStream(torch.utils.data.IterableDataset):
 
     Each pass yields every sequence of the fine-tuning set once, in a seeded random order within a buffer of
     ``shuffle_buffer`` sequences (consecutive sequences of one file would otherwise fill whole batches).
+    ``doc_tokens``: at most that many tokens of each document (a seeded window), so that the buffer, and a short
+    run, spans many documents instead of a few long ones.
     ``pass_tokens``: tokens in one pass, known once a pass has completed (or from ``max_tokens``).
     """
 
     def __init__(self, tokenizer, files, seq_len: int, max_tokens: int | None, seed: int = 0,
-                 shuffle_buffer: int = 256):
-        self.batches = Batches(tokenizer, files, seq_len=seq_len, batch_size=1, max_tokens=max_tokens, seed=seed)
+                 shuffle_buffer: int = 256, doc_tokens: int | None = None):
+        self.batches = Batches(tokenizer, files, seq_len=seq_len, batch_size=1, max_tokens=max_tokens, seed=seed,
+                               doc_tokens=doc_tokens)
         self.pass_tokens = None if max_tokens is None else self.batches.max_sequences * seq_len
         self.shuffle_buffer, self.rng = max(1, shuffle_buffer), random.Random(seed)
 
@@ -177,6 +181,7 @@ def finetune(
     batch_size: int = 4,
     grad_accum: int = 1,
     train_tokens: int | None = None,
+    train_doc_tokens: int | None = None,
     learning_rate: float = 5e-5,
     warmup_steps: int = 5,
     weight_decay: float = 0.0,
@@ -236,7 +241,7 @@ def finetune(
     history: list[dict] = [{"step": 0, "tokens": 0, "train_loss": None, **evaluate(model)}]
     best: dict = {}
     start = time.perf_counter()
-    stream = TokenStream(tokenizer, files, seq_len, train_tokens, seed)
+    stream = TokenStream(tokenizer, files, seq_len, train_tokens, seed, doc_tokens=train_doc_tokens)
     if target is None or history[0]["perplexity"] > target:
         with tempfile.TemporaryDirectory(prefix="minigpt-finetune-") as tmp:
             args = TrainingArguments(
@@ -279,7 +284,8 @@ def finetune(
         "history": history,
         "settings": {"seq_len": seq_len, "batch_size": batch_size, "grad_accum": grad_accum,
                      "learning_rate": learning_rate, "lr_scheduler": lr_scheduler, "max_steps": max_steps,
-                     "eval_every": eval_every, "eval_tokens": eval_tokens, "train_tokens": train_tokens,
+                     "eval_every": eval_every, "eval_tokens": eval_tokens, "eval_doc_tokens": eval_doc_tokens,
+                     "train_tokens": train_tokens, "train_doc_tokens": train_doc_tokens,
                      "bf16": bf16, "distill": teacher is not None,
                      **({"distill_alpha": distill_alpha, "distill_temperature": distill_temperature}
                         if teacher is not None else {})},
