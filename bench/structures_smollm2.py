@@ -48,17 +48,26 @@ CORPORA = ("stdlib-heldout", "pydocs-heldout")
 BASELINE = "MLP only"
 
 
-def smallest_mlp(stats, model, policy: Policy, scores, budget: float) -> Policy:
-    """``policy`` with the smallest MLP ratio (1/100 grid) keeping ≤ ``budget`` parameters."""
-    lo, hi = 0, 95
+def smallest_mlp(stats, model, policy: Policy, scores, budget: float, grid: int = 100) -> Policy:
+    """``policy`` with the smallest MLP ratio (1/``grid`` grid) keeping ≤ ``budget`` parameters."""
+    lo, hi = 0, int(0.95 * grid)
     structures = structure_plan(stats, model, policy)
     while lo < hi:
         mid = (lo + hi) // 2
-        if params_after(stats, model, replace(policy, mlp=mid / 100), scores, structures) <= budget:
+        if params_after(stats, model, replace(policy, mlp=mid / grid), scores, structures) <= budget:
             hi = mid
         else:
             lo = mid + 1
-    return replace(policy, mlp=lo / 100)
+    return replace(policy, mlp=lo / grid)
+
+
+def matched_mlp(stats, model, scores, params: int) -> Policy:
+    """MLP only at the largest ratio on the per-neuron grid whose model keeps ≥ ``params`` parameters."""
+    grid = model.config.intermediate_size
+    k = round(smallest_mlp(stats, model, Policy(mlp=0.0), scores, params, grid).mlp * grid)
+    if params_after(stats, model, Policy(mlp=k / grid), scores) < params:
+        k -= 1
+    return Policy(mlp=k / grid)
 
 
 def cli_flags(policy: Policy) -> str:
@@ -119,6 +128,8 @@ def main() -> None:
     parser.add_argument("--confidence", type=float, default=0.95)
     parser.add_argument("--extra", action="store_true",
                         help="also the unpruned model, one layer + MLP and KV groups 1/3 in every layer")
+    parser.add_argument("--resume", action="store_true",
+                        help="keep the rows of the saved JSON (same command) and measure only the missing ones")
     parser.add_argument("--plot-only", action="store_true", help="redraw the plot from the saved JSON")
     args = parser.parse_args()
     if args.plot_only:
@@ -160,7 +171,7 @@ def main() -> None:
            "selection": [], "chosen": {}, "rows": [],
            "command": "OMP_NUM_THREADS=1 python -m bench.structures_smollm2 --stats STATS " + " ".join(
                f"--{k.replace('_', '-')} {' '.join(map(str, v)) if isinstance(v, list) else v}"
-               for k, v in vars(args).items() if k not in ("plot_only", "stats", "extra"))
+               for k, v in vars(args).items() if k not in ("plot_only", "stats", "extra", "resume"))
            + (" --extra" if args.extra else "")}
 
     def run(name: str, policy: Policy | None, parts: tuple[str, ...]) -> dict:
@@ -168,7 +179,7 @@ def main() -> None:
         model, tokenizer = minigpt.load_model()
         plan, t0 = None, time.perf_counter()
         if policy is not None:
-            if "MLP" in name:
+            if "MLP" in name and not policy.mlp:  # the MLP fills the rest of the budget
                 policy = smallest_mlp(stats, model, policy, scores, budget)
             model, plan = minigpt.prune(model, tokenizer, stats=stats, policy=policy, compensate="lstsq")
         row = {"plan": name, "params": sum(p.numel() for p in model.parameters()),
@@ -198,15 +209,29 @@ def main() -> None:
                                args.confidence)
         return res
 
-    def add(row: dict) -> None:
-        if row["plan"] != BASELINE:
+    done: dict[str, dict] = {}
+    if args.resume:
+        saved = json.loads((RESULTS / "structures_smollm2_cpu.json").read_text())
+        if saved["command"] != out["command"]:
+            raise SystemExit(f"--resume: the saved rows come from another command: {saved['command']}")
+        out.update({k: saved[k] for k in ("selection", "rows", "chosen", "matched") if k in saved})
+        done = {r["plan"]: r for r in out["rows"]}
+
+    def add(name: str, policy: Policy | None) -> dict:
+        """The test row of ``name`` (measured unless resumed), with its paired difference to MLP-only."""
+        if name in done:
+            return done[name]
+        row = run(name, policy, ("validation", "test") if name == BASELINE else ("test",))
+        if name != BASELINE:
             row["vs_mlp"] = versus(row, mlp_row, "test")
         out["rows"].append(row)
         write(out)
+        return row
 
-    mlp_row = run(BASELINE, Policy(mlp=0.0), ("validation", "test"))
-    add(mlp_row)
+    mlp_row = add(BASELINE, Policy(mlp=0.0))
     for name, policy in candidates.items():  # chosen on the validation slice before any test score
+        if name in {s["plan"] for s in out["selection"]}:
+            continue
         row = run(name, policy, ("validation",))
         vs = versus(row, mlp_row, "validation")
         out["selection"].append({"plan": name, "kept_pct": row["kept_pct"], "cli": row["cli"], "vs_mlp": vs,
@@ -217,7 +242,14 @@ def main() -> None:
         if pool:
             out["chosen"][family] = min(pool, key=lambda s: s["vs_mlp"]["both"]["diff"])["plan"]
     for name in out["chosen"].values():
-        add(run(name, candidates[name], ("test",)))
+        add(name, candidates[name])
+    if out["chosen"]:  # the best chosen plan against MLP-only of at least its size, not just within the budget
+        best = min((s for s in out["selection"] if s["plan"] in out["chosen"].values()),
+                   key=lambda s: s["vs_mlp"]["both"]["diff"])["plan"]
+        best_row = next(r for r in out["rows"] if r["plan"] == best)
+        matched = add(f"MLP only, ≥ the size of {best}", matched_mlp(stats, model, scores, best_row["params"]))
+        out["matched"] = {"plan": best, "baseline": matched["plan"], "vs": versus(best_row, matched, "test")}
+        write(out)
     rows = {f"--target-params {args.keep}": Policy(target_params=args.keep),
             "hidden 5 % + MLP": Policy(mlp=0.0, hidden=0.05),
             f"depth {layers} layers (Block Influence)": Policy(mlp=0.0, layers=layers),
@@ -226,7 +258,7 @@ def main() -> None:
         rows.update({"unpruned": None, "depth 1 layer (Block Influence) + MLP": Policy(mlp=0.0, layers=1),
                      "KV groups 1/3 (every layer) + MLP": Policy(mlp=0.0, heads=1 / 3, kv_groups=True)})
     for name, policy in rows.items():
-        add(run(name, policy, ("test",)))
+        add(name, policy)
     plot(out)
 
 
@@ -262,6 +294,11 @@ def write(out: dict) -> None:
         lines.append(f"| {row['plan']} | {100 * mlp:.1f} % | {heads} | {row['kept_pct']} % | "
                      f"{row['test'][s]['ppl']} | {ci(vs[s]) if vs else '—'} | {row['test'][p]['ppl']} | "
                      f"{ci(vs[p]) if vs else '—'} | {ci(vs['both']) if vs else '—'} | `{flags}` |")
+    if out.get("matched"):
+        m, by_plan = out["matched"], {r["plan"]: r for r in out["rows"]}
+        lines += ["", (f"At equal size: {m['plan']} ({by_plan[m['plan']]['kept_pct']} %) minus {m['baseline']} "
+                       f"({by_plan[m['baseline']]['kept_pct']} %), paired on the test tokens: Δ stdlib "
+                       f"{ci(m['vs'][CORPORA[0]])}, Δ pydocs {ci(m['vs'][CORPORA[1]])}, Δ both {ci(m['vs']['both'])}.")]
     if out["selection"]:
         lines += ["", ("Choice of the heads + MLP plans on the validation slice (Δ to MLP-only there; the lowest Δ "
                        "both of each family is chosen, then scored on the test slice above):"), "",
