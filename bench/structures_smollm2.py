@@ -86,15 +86,19 @@ def cli_flags(policy: Policy) -> str:
     return " ".join(flags)
 
 
-def slices(tokenizer, corpus: str, doc_tokens: int, test_tokens: int, val_tokens: int) -> tuple[list, list]:
-    """``(test, validation)`` document windows ``(n_d,)`` of ``corpus``: whole documents in file order, the first
-    reaching ``test_tokens``, then the next up to ``val_tokens`` (fewer where the corpus ends)."""
+def slices(tokenizer, corpus: str, doc_tokens: int, test_tokens: int, val_tokens: int,
+           confirm_tokens: int) -> dict[str, list]:
+    """``{"test", "validation", "confirm"}``: document windows ``(n_d,)`` of ``corpus``, whole documents in file
+    order, the first reaching ``test_tokens``, then the next up to ``val_tokens``, then the next up to
+    ``confirm_tokens`` (fewer where the corpus ends)."""
     docs = sizing_documents(tokenizer, iter_texts(resolve_files(corpus), seed=None),
-                            test_tokens + val_tokens + 2 * doc_tokens, doc_tokens)
+                            test_tokens + val_tokens + confirm_tokens + 2 * doc_tokens, doc_tokens)
     ends = torch.tensor([d.numel() for d in docs]).cumsum(0)
     n_test = int((ends < test_tokens).sum()) + 1
     n_val = int((ends[n_test:] - ends[n_test - 1] <= val_tokens).sum())
-    return docs[:n_test], docs[n_test: n_test + n_val]
+    first = n_test + n_val
+    n_confirm = int((ends[first:] - ends[first - 1] <= confirm_tokens).sum())
+    return {"test": docs[:n_test], "validation": docs[n_test: first], "confirm": docs[first: first + n_confirm]}
 
 
 def compare(base: list[float], other: list[float], tokens: torch.Tensor, resamples: int, seed: int,
@@ -128,6 +132,9 @@ def main() -> None:
     parser.add_argument("--test-kv-groups", type=int, nargs="*", default=[3],
                         help="KV-group candidates also scored on the test slice whatever the validation says (3: the "
                              "plan an earlier table on 2,048 tokens favoured)")
+    parser.add_argument("--confirm-tokens", type=int, default=0,
+                        help="a third slice, the documents after the validation slice (corpora where it holds ≥ 10): "
+                             "MLP only and the --test-kv-groups plans scored there after the test rows")
     parser.add_argument("--resamples", type=int, default=10_000, help="bootstrap resamples of the documents")
     parser.add_argument("--confidence", type=float, default=0.95)
     parser.add_argument("--extra", action="store_true",
@@ -154,8 +161,11 @@ def main() -> None:
             stats.save(args.stats)
     cal_seconds = stats.meta.get("seconds", round(time.perf_counter() - start, 1))
     scores = importance.scores("l1", stats=stats)
-    docs = {c: dict(zip(("test", "validation"), slices(tokenizer, c, n, args.eval_tokens, args.val_tokens)))
+    docs = {c: slices(tokenizer, c, n, args.eval_tokens, args.val_tokens, args.confirm_tokens)
             for c, n in zip(CORPORA, args.eval_doc_tokens)}
+    for sl in docs.values():  # a confirmation on a handful of documents would say nothing
+        if len(sl["confirm"]) < 10:
+            del sl["confirm"]
     tokens = {c: {s: torch.tensor([d.numel() for d in ds], dtype=torch.float64) for s, ds in sl.items()}
               for c, sl in docs.items()}
     layers = next(n for n in range(1, 30) if params_after(stats, model, Policy(mlp=0.0, layers=n), scores) <= budget)
@@ -196,7 +206,7 @@ def main() -> None:
         t0 = time.perf_counter()
         for part in parts:
             row[part] = {}
-            for c in CORPORA:
+            for c in (c for c in CORPORA if part in docs[c]):
                 nll, _ = document_nll(model, tokenizer, docs[c][part], batch_size=8)
                 row[part][c] = {"ppl": round(math.exp(float(nll.sum() / tokens[c][part].sum())), 4),
                                 "nll": [round(float(x), 4) for x in nll]}
@@ -207,19 +217,21 @@ def main() -> None:
     def versus(row: dict, base: dict, part: str) -> dict:
         """Paired differences of ``row`` to ``base`` on ``part``, per corpus and for both."""
         res, reps = {}, []
-        for i, c in enumerate(CORPORA):
+        for i, c in enumerate(c for c in CORPORA if c in row[part]):
             res[c], r = compare(base[part][c]["nll"], row[part][c]["nll"], tokens[c][part], args.resamples, i,
                                 args.confidence)
             reps.append(r)
-        res["both"] = interval(sum(res[c]["diff"] for c in CORPORA) / len(CORPORA), sum(reps) / len(reps),
-                               args.confidence)
+        if len(reps) == len(CORPORA):
+            res["both"] = interval(sum(res[c]["diff"] for c in CORPORA) / len(CORPORA), sum(reps) / len(reps),
+                                   args.confidence)
         return res
 
     done: dict[str, dict] = {}
     if args.resume:
         saved = json.loads((RESULTS / "structures_smollm2_cpu.json").read_text())
         same = ("calibration", "corpora", "keep", "total_params", "resamples", "confidence")
-        if any(saved[k] != out[k] for k in same):
+        if any(saved[k] != ({c: {s: v for s, v in d.items() if s != "confirm"} for c, d in out[k].items()}
+                            if k == "corpora" else out[k]) for k in same):
             raise SystemExit(f"--resume: the saved rows differ in {', '.join(k for k in same if saved[k] != out[k])}")
         out.update({k: saved[k] for k in ("selection", "rows", "chosen", "matched") if k in saved})
         done = {r["plan"]: r for r in out["rows"]}
@@ -260,6 +272,16 @@ def main() -> None:
             stats, model, smallest_mlp(stats, model, candidates[best], scores, budget), scores))
         matched = add(f"MLP only (--mlp {policy.mlp:.6g}), ≥ the size of {best}", policy)
         out["matched"] = {"plan": best, "baseline": matched["plan"], "vs": versus(best_row, matched, "test")}
+        write(out)
+    if any("confirm" in sl for sl in docs.values()):  # plans fixed before this slice is scored
+        by_name = {r["plan"]: r for r in out["rows"]}
+        for name, policy in ((BASELINE, Policy(mlp=0.0)), *((f"{g} KV groups (global) + MLP", candidates[
+                f"{g} KV groups (global) + MLP"]) for g in args.test_kv_groups)):
+            if "confirm" not in by_name[name]:
+                by_name[name]["confirm"] = run(name, policy, ("confirm",))["confirm"]
+                write(out)
+        out["confirmation"] = {name: versus(by_name[name], by_name[BASELINE], "confirm")
+                               for name in by_name if name != BASELINE and "confirm" in by_name[name]}
         write(out)
     rows = {f"--target-params {args.keep}": Policy(target_params=args.keep),
             "hidden 5 % + MLP": Policy(mlp=0.0, hidden=0.05),
@@ -310,6 +332,14 @@ def write(out: dict) -> None:
         lines += ["", (f"At equal size: {m['plan']} ({by_plan[m['plan']]['kept_pct']} %) minus {m['baseline']} "
                        f"({by_plan[m['baseline']]['kept_pct']} %), paired on the test tokens: Δ stdlib "
                        f"{ci(m['vs'][CORPORA[0]])}, Δ pydocs {ci(m['vs'][CORPORA[1]])}, Δ both {ci(m['vs']['both'])}.")]
+    if out.get("confirmation"):
+        first = next(iter(out["confirmation"].values()))
+        sl = "; ".join(f"{c}: {corp[c]['confirm']['tokens']:,} tokens in {corp[c]['confirm']['documents']} documents"
+                       for c in first if c in corp)
+        lines += ["", f"Confirmation slice (the documents after the validation slice, {sl}; scored after the rows "
+                      "above were fixed), Δ to MLP-only there: " + "; ".join(
+                          f"{name}: " + ", ".join(f"{c} {ci(v)}" for c, v in vs.items())
+                          for name, vs in out["confirmation"].items()) + "."]
     if out["selection"]:
         lines += ["", ("Choice of the heads + MLP plans on the validation slice (Δ to MLP-only there; the lowest Δ "
                        "both of each family is chosen, then scored on the test slice above):"), "",
