@@ -78,6 +78,16 @@ def ratio_bound(base: torch.Tensor, pruned: torch.Tensor, tokens: torch.Tensor, 
     return math.exp(r), math.exp(r + z * se)
 
 
+def bootstrap_difference(base: torch.Tensor, other: torch.Tensor, tokens: torch.Tensor, resamples: int = 10_000,
+                         seed: int = 0) -> torch.Tensor:
+    """``(resamples,)`` bootstrap replicates of the mean per-token NLL difference ``Σ(other_d − base_d) / Σn_d`` over
+    documents with summed NLLs ``base, other: (D,)`` and ``tokens: (D,)`` (``document_nll`` of two models on the same
+    documents), drawing documents, the independent unit, with replacement; its quantiles are a percentile interval."""
+    diff = (other - base).double()
+    idx = torch.randint(diff.numel(), (resamples, diff.numel()), generator=torch.Generator().manual_seed(seed))
+    return diff[idx].sum(1) / tokens.double()[idx].sum(1)
+
+
 def size_by_budget(model, tokenizer, docs: list[torch.Tensor], prune_at, *, max_increase: float,
                    confidence: float = 0.95, high: float = 0.9, steps: int = 6) -> dict:
     """The largest ratio in ``[0, high)`` (to ``high / 2**steps``, ``steps`` candidates) whose perplexity ratio to the unpruned model's
