@@ -197,24 +197,32 @@ def test_cli_prunes_every_structure_and_records_kept_indices(corpus_dir, tiny_to
     assert reloaded.config.num_attention_heads == 2 and reloaded.config.intermediate_size == 36
 
 
-def test_target_params_allocation_reaches_the_budget(corpus_dir, tiny_tokenizer):
+@pytest.mark.parametrize("arch,compensate", [("qwen2", "none"), ("llama", "lstsq")])
+def test_target_params_allocation_reaches_the_budget(corpus_dir, tiny_tokenizer, arch, compensate):
+    """The budget holds for the saved model, counting the MLP biases a Llama refit switches on (``mlp_bias``)."""
     from dataclasses import replace
 
     from minigpt.pipeline import importance
 
-    model = tiny("qwen2")
+    model = tiny(arch)
     total = sum(p.numel() for p in model.parameters())
-    stats = minigpt.calibrate(model, tiny_tokenizer, [str(corpus_dir)], max_tokens=256, seq_len=32, progress=False)
+    stats = minigpt.calibrate(model, tiny_tokenizer, [str(corpus_dir)], max_tokens=256, seq_len=32, gram=True,
+                              progress=False)
     policy = minigpt.Policy(target_params=0.8)
-    chosen = minigpt.pipeline.policy.allocate(stats, model, policy, importance.scores("l1", stats=stats))
+    mlp_bias = compensate != "none"
+    chosen = minigpt.pipeline.policy.allocate(stats, model, policy, importance.scores("l1", stats=stats), mlp_bias)
     assert chosen.target_params is None and (not chosen.heads or (chosen.kv_groups and chosen.heads_scope == "global"))
-    model, plan = minigpt.prune(model, tiny_tokenizer, stats=stats, policy=policy)
+    model, plan = minigpt.prune(model, tiny_tokenizer, stats=stats, policy=policy, compensate=compensate)
+    assert bool(getattr(model.config, "mlp_bias", False)) == mlp_bias
     after = sum(p.numel() for p in model.parameters())
-    assert after <= 0.8 * total
+    assert after <= 0.8 * total and plan.policy["target_params"] == 0.8
     r = plan.policy["ratio"]
     assert r == chosen.mlp and plan.policy.get("heads", 0.0) == chosen.heads
-    looser = minigpt.pipeline.policy.params_after(stats, tiny("qwen2"), replace(chosen, mlp=r - 0.005),
-                                         importance.scores("l1", stats=stats))
+    count = minigpt.pipeline.policy.params_after(stats, tiny(arch), chosen, importance.scores("l1", stats=stats),
+                                                 mlp_bias=mlp_bias)
+    assert count == after  # the count the budget search used is the saved model's
+    looser = minigpt.pipeline.policy.params_after(stats, tiny(arch), replace(chosen, mlp=r - 0.005),
+                                                  importance.scores("l1", stats=stats), mlp_bias=mlp_bias)
     assert looser > 0.8 * total  # the next smaller amount on the grid misses the budget
 
 

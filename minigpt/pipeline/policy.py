@@ -229,24 +229,30 @@ def structure_plan(stats, model, policy: Policy) -> surgery.Kept:
     return surgery.Kept(heads=heads, hidden=hidden, layers=layers)
 
 
-def count_after(model, kept: surgery.Kept) -> int:
-    """Parameters (tied counted once) of ``model`` pruned to ``kept``, computed on a meta-device copy."""
+def count_after(model, kept: surgery.Kept, mlp_bias: bool = False) -> int:
+    """Parameters (tied counted once) of ``model`` pruned to ``kept``, computed on a meta-device copy; ``mlp_bias``:
+    with the MLP biases a compensation switches on (``minigpt.pipeline.compensate.bias_slot``)."""
+    from minigpt.pipeline.compensate import add_mlp_biases
+
     base = next(c for c in type(model).__mro__ if c.__name__ != "MiniGPTForCausalLM")
     with torch.device("meta"):
         shadow = base(copy.deepcopy(model.config))
     surgery.shrink(shadow, kept, lambda srcs, idx, dims: [s.index_select(d, i.to("meta"))
                                                           for s, i, d in zip(srcs, idx, dims)])
+    if mlp_bias:
+        add_mlp_biases(shadow)
     return sum(p.numel() for p in shadow.parameters())
 
 
 def params_after(stats, model, policy: Policy, mlp_scores: list[torch.Tensor],
-                 structures: surgery.Kept | None = None) -> int:
+                 structures: surgery.Kept | None = None, mlp_bias: bool = False) -> int:
     """Parameters ``model`` keeps under ``policy`` (its ``mlp`` a ratio applied to every layer by ``mlp_scores``);
-    ``structures``: ``structure_plan(stats, model, policy)`` when already made (searches over the MLP ratio)."""
+    ``structures``: ``structure_plan(stats, model, policy)`` when already made (searches over the MLP ratio);
+    ``mlp_bias``: ``count_after``'s."""
     kept = copy.copy(structures) if structures is not None else structure_plan(stats, model, policy)
     r = policy.mlp or 0.0
     kept.mlp = [sorted(set(range(len(s))) - _lowest(s, min(round(r * len(s)), len(s) - 1))) for s in mlp_scores]
-    return count_after(model, kept)
+    return count_after(model, kept, mlp_bias)
 
 
 def item_params(model, group) -> int:
@@ -285,19 +291,20 @@ def heads_share(stats, model, remove: float) -> float:
     return sum(groups_removed) / sum(g.kv.size for g in arch.layers)
 
 
-def allocate(stats, model, policy: Policy, mlp_scores: list[torch.Tensor]) -> Policy:
-    """The policy with ``mlp`` and ``heads`` chosen by the ``target_params`` rule (module doc)."""
+def allocate(stats, model, policy: Policy, mlp_scores: list[torch.Tensor], mlp_bias: bool = False) -> Policy:
+    """The policy with ``mlp`` and ``heads`` chosen by the ``target_params`` rule (module doc); ``mlp_bias``: the
+    compensation will switch MLP biases on, which the budget counts (``count_after``)."""
     budget = policy.target_params * sum(p.numel() for p in model.parameters())
     base = replace(policy, target_params=None, mlp=0.0)
     if describe(model).layers[0].heads is not None and "heads.0.gram" in stats.sums:
-        heads = heads_share(stats, model, params_after(stats, model, base, mlp_scores) - budget)
+        heads = heads_share(stats, model, params_after(stats, model, base, mlp_scores, mlp_bias=mlp_bias) - budget)
         base = replace(base, heads=heads, kv_groups=True, heads_scope="global") if heads else base
 
     def trial(step: int) -> Policy:
         return replace(base, mlp=step / 200)
 
     def count(step: int) -> int:
-        return params_after(stats, model, trial(step), mlp_scores, structures)
+        return params_after(stats, model, trial(step), mlp_scores, structures, mlp_bias)
 
     structures = structure_plan(stats, model, base)
     lo, hi = 0, 199  # grid steps of 1/200

@@ -6,12 +6,22 @@ from minigpt.errors import MiniGPTError
 from minigpt.pipeline import importance
 from minigpt.pipeline.calibration import calibrate
 from minigpt.pipeline.compact import compact
-from minigpt.pipeline.compensate import DAMPING, compensate_heads, mark_mlp_bias, obs_kept
+from minigpt.pipeline.compensate import DAMPING, bias_slot, compensate_heads, mark_mlp_bias, obs_kept
 from minigpt.pipeline.compensate import compensate as compensate_model
 from minigpt.pipeline.importance import NEEDS_STATS
 from minigpt.pipeline.planning import MLPPolicy, PruningPlan, plan
 from minigpt.pipeline.policy import Policy, allocate, structure_plan
 from minigpt.pipeline.stats import CalibrationStats, check_fingerprint, fingerprint
+
+
+def sized(policy: MLPPolicy, stats, model, metric: str, seed: int, compensate: str) -> Policy:
+    """``policy`` as a ``Policy``, a ``target_params`` budget turned into amounts (``allocate``) counting the MLP
+    biases the ``compensate`` refit will switch on."""
+    policy = Policy.of(policy, {})
+    if policy.target_params is None:
+        return policy
+    mlp_bias = compensate != "none" and bias_slot(model) == "mlp_bias"
+    return allocate(stats, model, policy, importance.scores(metric, stats=stats, model=model, seed=seed), mlp_bias)
 
 
 def prune(
@@ -52,8 +62,7 @@ def prune(
     policy.check_model(model)
     if policy.structural or policy.target_params is not None:
         stats = _stats(model, tokenizer, stats, data, backend, calibration)
-    if policy.target_params is not None:
-        policy = allocate(stats, model, policy, importance.scores(metric, stats=stats, model=model, seed=seed))
+    target, policy = policy.target_params, sized(policy, stats, model, metric, seed, compensate)
     keeps_all = policy.mlp == 0  # no score removes a neuron: nothing to calibrate (vocabulary-only runs)
     needs_gram = (compensate != "none" or select == "obs") and not keeps_all
     if needs_gram:
@@ -69,6 +78,8 @@ def prune(
         if select == "obs" and not keeps_all:
             pruning_plan.kept = obs_kept(model, stats, pruning_plan.kept_widths, damping)
         pruning_plan.policy["select"] = select
+        if target is not None:
+            pruning_plan.policy["target_params"] = target
         if policy.structural:
             kept = structure_plan(stats, model, policy)
             pruning_plan.heads, pruning_plan.hidden, pruning_plan.layers = kept.heads, kept.hidden, kept.layers

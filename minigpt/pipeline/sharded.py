@@ -260,7 +260,8 @@ def prune_checkpoint(src: str | os.PathLike, out: str | os.PathLike, *, stats=No
     """
     from minigpt.pipeline.compact import save_pruned
     from minigpt.pipeline.importance import STATS_METRICS
-    from minigpt.pipeline.prune import prune
+    from minigpt.pipeline.policy import Policy
+    from minigpt.pipeline.prune import prune, sized
 
     src = Path(src)
     found, index = shards(src)
@@ -277,7 +278,13 @@ def prune_checkpoint(src: str | os.PathLike, out: str | os.PathLike, *, stats=No
     if compensate != "none" and stats is None:
         raise MiniGPTError(f"--compensate {compensate} out of core needs --stats with Gram statistics")
     unpruned = copy.deepcopy(model)  # meta: shapes only
+    target = None
+    if pruning_plan is None and policy is not None:  # sized here: the budget counts the biases the refit adds
+        target = Policy.of(policy, {}).target_params
+        policy = sized(policy, stats, model, metric, 0, compensate)
     model, plan = prune(model, tokenizer, stats=stats, pruning_plan=pruning_plan, metric=metric, policy=policy)
+    if target is not None:
+        plan.policy["target_params"] = target
     kept = plan.structures()
     cuts = surgery.cuts(unpruned, kept)
     first, canonical = {}, {}  # every name of a parameter (a tied LM head's too) → the name its cut is under
