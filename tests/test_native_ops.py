@@ -178,7 +178,8 @@ def run_isa(isa: str, path) -> list | None:
     tests = Path(__file__).parent
     env = {**os.environ, "MINIGPT_CPU_ISA": isa, "OMP_NUM_THREADS": "1",
            "PYTHONPATH": os.pathsep.join([str(tests.parent), str(tests), os.environ.get("PYTHONPATH", "")])}
-    proc = subprocess.run([sys.executable, "-c", ISA_RUN, str(path)], env=env, capture_output=True, text=True)
+    proc = subprocess.run([sys.executable, "-c", ISA_RUN, str(path)], env=env, capture_output=True, text=True,
+                          check=False)
     if proc.returncode and "is not an instruction set of this CPU" in proc.stderr:
         return None
     assert proc.returncode == 0, proc.stderr[-2000:]
