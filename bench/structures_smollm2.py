@@ -71,6 +71,67 @@ def matched_mlp(stats, model, scores, params: int) -> Policy:
     return Policy(mlp=k / grid)
 
 
+def per_byte(stats, scores, docs: dict, mlp_row: dict, budget: float, args) -> dict:
+    """MLP-only against vocabulary + MLP at no more parameters, in bits per byte: a pruned vocabulary tokenizes the
+    same text into other tokens, so per-token NLLs do not compare. Both models score the decoded test windows, each
+    with its own tokenizer after an EOS; Δ is per byte, bootstrapped over documents as the token Δ is.
+
+    The kept vocabulary: counted over ``--vocab-tokens`` stdlib tokens and sized by ``choose_vocab`` on the
+    unpruned model within ``--max-bpb-increase`` on the validation windows of both corpora (no test text); then
+    the smallest MLP ratio (1/100 grid, the refit's MLP biases counted) whose model with that vocabulary keeps no
+    more parameters than MLP-only."""
+    from minigpt.pipeline.prune import prune_vocabulary
+    from minigpt.pipeline.vocab import corpus_token_counts
+    from minigpt.pipeline.vocab_size import choose_vocab
+
+    model, tokenizer = minigpt.load_model()
+    texts = {c: [tokenizer.decode(d) for d in docs[c]["test"]] for c in CORPORA}
+    nbytes = {c: torch.tensor([len(t.encode()) for t in texts[c]], dtype=torch.float64) for c in CORPORA}
+    validation = [tokenizer.decode(d) for c in CORPORA for d in docs[c]["validation"]]
+    counts = corpus_token_counts(tokenizer, "stdlib", args.vocab_tokens, len(tokenizer), progress=False)
+    keep, choice = choose_vocab(model, tokenizer, counts, validation, max_increase=args.max_bpb_increase)
+    ceiling = mlp_row["params"]
+
+    def score(model, tokenizer) -> dict:
+        return {c: document_nll(model, tokenizer, [torch.tensor(tokenizer(t, add_special_tokens=False)["input_ids"])
+                                                   for t in texts[c]], batch_size=8)[0] for c in CORPORA}
+
+    def row(name: str, model, tokenizer, ratio: float) -> dict:
+        nll = score(model, tokenizer)
+        return {"plan": name, "mlp_ratio": ratio, "vocab": len(tokenizer),
+                "params": sum(p.numel() for p in model.parameters()),
+                "bits_per_byte": {c: round(float(nll[c].sum() / nbytes[c].sum()) / math.log(2), 5) for c in CORPORA},
+                "nll": {c: [round(float(x), 4) for x in nll[c]] for c in CORPORA}}
+
+    rows = [row("unpruned", model, tokenizer, 0.0)]
+    saved = sum(p.numel() for p in model.get_input_embeddings().parameters()) * (1 - len(keep) / len(tokenizer))
+    ratio = smallest_mlp(stats, model, Policy(mlp=0.0), scores, budget + saved).mlp
+    base_ratio = mlp_row["policy"]["ratio"]
+    pruned, _ = minigpt.prune(model, tokenizer, stats=stats, policy=Policy(mlp=base_ratio), compensate="lstsq")
+    rows.append(row(BASELINE, pruned, tokenizer, base_ratio))
+    while True:  # the estimate ignores the refit's biases and rounding: step up until within MLP-only's size
+        model, tokenizer = minigpt.load_model()
+        pruned, _ = minigpt.prune(model, tokenizer, stats=stats, policy=Policy(mlp=ratio), compensate="lstsq")
+        small, _, _ = prune_vocabulary(pruned, tokenizer, counts, min_count=None, keep_ids=keep)
+        if sum(p.numel() for p in pruned.parameters()) <= ceiling:
+            break
+        ratio = round(ratio + 0.01, 2)
+    rows.append(row(f"vocabulary {len(keep):,} tokens + MLP {100 * ratio:.0f} %", pruned, small, ratio))
+    for r in rows[1:]:
+        r["kept_pct"] = round(100 * r["params"] / rows[0]["params"], 2)
+        for c in CORPORA:
+            r.setdefault("vs_unpruned", {})[c] = round(r["bits_per_byte"][c] / rows[0]["bits_per_byte"][c], 4)
+    last = rows[-1]
+    last["vs_mlp"] = {}
+    for i, c in enumerate(CORPORA):
+        reps = bootstrap_difference(torch.tensor(rows[1]["nll"][c]), torch.tensor(last["nll"][c]), nbytes[c],
+                                    args.resamples, i) / math.log(2)
+        diff = float((torch.tensor(last["nll"][c]) - torch.tensor(rows[1]["nll"][c])).sum() / nbytes[c].sum())
+        last["vs_mlp"][c] = interval(diff / math.log(2), reps, args.confidence)
+    return {"vocab_choice": {**choice, "counted_tokens": args.vocab_tokens, "sized_on": "validation windows"},
+            "bytes": {c: int(nbytes[c].sum()) for c in CORPORA}, "rows": rows}
+
+
 def cli_flags(policy: Policy) -> str:
     """The ``minigpt prune`` flags of ``policy``."""
     if policy.target_params is not None:
@@ -139,6 +200,10 @@ def main() -> None:
     parser.add_argument("--confidence", type=float, default=0.95)
     parser.add_argument("--extra", action="store_true",
                         help="also the unpruned model, one layer + MLP and KV groups 1/3 in every layer")
+    parser.add_argument("--vocab-tokens", type=int, default=1_000_000,
+                        help="stdlib tokens the vocabulary row counts token frequencies over")
+    parser.add_argument("--max-bpb-increase", type=float, default=0.01,
+                        help="the vocabulary row's bound on the validation windows' bits per byte")
     parser.add_argument("--resume", action="store_true",
                         help="keep the rows of the saved JSON (same command) and measure only the missing ones")
     parser.add_argument("--plot-only", action="store_true", help="redraw the plot from the saved JSON")
@@ -230,10 +295,16 @@ def main() -> None:
     if args.resume:
         saved = json.loads((RESULTS / "structures_smollm2_cpu.json").read_text())
         same = ("calibration", "corpora", "keep", "total_params", "resamples", "confidence")
-        if any(saved[k] != ({c: {s: v for s, v in d.items() if s != "confirm"} for c, d in out[k].items()}
-                            if k == "corpora" else out[k]) for k in same):
-            raise SystemExit(f"--resume: the saved rows differ in {', '.join(k for k in same if saved[k] != out[k])}")
-        out.update({k: saved[k] for k in ("selection", "rows", "chosen", "matched") if k in saved})
+
+        def measured(k: str, entry: dict) -> object:  # a confirmation slice added later may be missing from either
+            return {c: {s: v for s, v in d.items() if s != "confirm"} for c, d in entry[k].items()} \
+                if k == "corpora" else entry[k]
+
+        differ = [k for k in same if measured(k, saved) != measured(k, out)]
+        if differ:
+            raise SystemExit(f"--resume: the saved rows differ in {', '.join(differ)}")
+        out.update({k: saved[k] for k in ("selection", "rows", "chosen", "matched", "confirmation", "per_byte")
+                    if k in saved})
         done = {r["plan"]: r for r in out["rows"]}
 
     def add(name: str, policy: Policy | None) -> dict:
@@ -292,6 +363,9 @@ def main() -> None:
                      "KV groups 1/3 (every layer) + MLP": Policy(mlp=0.0, heads=1 / 3, kv_groups=True)})
     for name, policy in rows.items():
         add(name, policy)
+    if "per_byte" not in out:
+        out["per_byte"] = per_byte(stats, scores, docs, mlp_row, budget, args)
+        write(out)
     plot(out)
 
 
@@ -340,6 +414,21 @@ def write(out: dict) -> None:
                       "above were fixed), Δ to MLP-only there: " + "; ".join(
                           f"{name}: " + ", ".join(f"{c} {ci(v)}" for c, v in vs.items())
                           for name, vs in out["confirmation"].items()) + "."]
+    if out.get("per_byte"):
+        pb, (s_, p_) = out["per_byte"], CORPORA
+        vc = pb["vocab_choice"]
+        lines += ["", (f"Vocabulary + MLP against MLP-only, in bits per byte ({pb['bytes'][s_]:,} / {pb['bytes'][p_]:,} "
+                       "bytes of the decoded test windows, each model tokenizing them itself; the kept vocabulary "
+                       f"counted over {vc['counted_tokens']:,} stdlib tokens and sized on the validation windows "
+                       f"within +{vc['max_increase_pct']:g} % bits per byte on the unpruned model; Δ bits per byte "
+                       f"to MLP-only with the {pct} bootstrap interval over documents):"), "",
+                  ("| plan | vocabulary | MLP removed | params kept | stdlib bits/byte | Δ stdlib | pydocs bits/byte | "
+                   "Δ pydocs |"), "|---|---|---|---|---|---|---|---|"]
+        for r in pb["rows"]:
+            vs = r.get("vs_mlp")
+            lines.append(f"| {r['plan']} | {r['vocab']:,} | {100 * r['mlp_ratio']:.1f} % | {r.get('kept_pct', 100.0)} % "
+                         f"| {r['bits_per_byte'][s_]} | {ci(vs[s_]) if vs else '—'} | {r['bits_per_byte'][p_]} | "
+                         f"{ci(vs[p_]) if vs else '—'} |")
     if out["selection"]:
         lines += ["", ("Choice of the heads + MLP plans on the validation slice (Δ to MLP-only there; the lowest Δ "
                        "both of each family is chosen, then scored on the test slice above):"), "",
