@@ -120,7 +120,8 @@ def check_policy(policy: MLPPolicy, metric: str) -> None:
 
 @torch.inference_mode()
 def prune_sequential(model, tokenizer, data=None, *, policy: MLPPolicy, metric: str = "l1", select: str = "metric",
-                     compensate: str = "lstsq", damping: float = DAMPING, max_tokens: int = 16384, seq_len: int = 512, batch_size: int = 8, text_field: str = "text",
+                     compensate: str = "lstsq", damping: float = DAMPING, max_tokens: int = 16384,
+                     seq_len: int = 512, batch_size: int = 8, text_field: str = "text",
                      seed: int | None = 0, doc_tokens: int | None = None, gram_tokens: int | None = None,
                      backend: str = "auto") -> tuple[object, PruningPlan]:
     """Prune ``model``'s MLPs layer by layer (module doc) removing ``policy.mlp`` of every layer; ``(model, plan)``."""
