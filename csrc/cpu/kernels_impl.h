@@ -11,6 +11,7 @@
 #include <cmath>
 #include <cstring>
 #include <limits>
+#include <vector>
 
 #include "kernels.h"
 
@@ -164,12 +165,29 @@ inline int32_t is_active(float g, float active_min) {
 }
 inline int32_t is_number_nonzero(float u) { return int32_t(u < 0.0f) | int32_t(u > 0.0f); }
 
+// Whether act(gate) is looked up rather than computed: a 16-bit gate has 65,536 values, and one table lookup (a
+// gather on 16 lanes) costs less than exp or erfc.
+template <class T, Act A>
+constexpr bool kLookup = sizeof(T) == 2 && (A == Act::silu || A == Act::gelu_tanh || A == Act::gelu);
+
+// act(x) for every bit pattern of the 16-bit type T, computed once per process by activate<A> itself: a lookup
+// gives the same bits as computing.
+template <class T, Act A>
+const float* act_table() {
+  static const std::vector<float> table = [] {
+    std::vector<float> t(1 << 16);
+    for (uint32_t b = 0; b < t.size(); ++b) t[b] = activate<A>(to_float(T{uint16_t(b)}));
+    return t;
+  }();
+  return table.data();
+}
+
 // Rows [t, t + R) for columns [c0, c0 + nc), in one pass: h = act(gate) * up (written to a.out when kOut), its
 // statistics added into the chunk accumulators s1 (Σ|h|), s2 (Σh²), mx (max|h|, NaN skipped) and nz (active count).
 // Each accumulator is loaded and stored once per R rows and the rows are added in order, so R changes no bits.
 template <class T, Act A, bool kGated, bool kOut, int R>
-inline void accumulate_rows(const StatsArgs& a, int64_t t, int64_t c0, int64_t nc, float* __restrict s1,
-                            float* __restrict s2, float* __restrict mx, int32_t* __restrict nz) {
+inline void accumulate_rows(const StatsArgs& a, const float* __restrict lut, int64_t t, int64_t c0, int64_t nc,
+                            float* __restrict s1, float* __restrict s2, float* __restrict mx, int32_t* __restrict nz) {
   const int64_t N = a.N, off = t * N + c0;
   const T* __restrict g = static_cast<const T*>(a.gate) + off;
   const T* __restrict u = kGated ? static_cast<const T*>(a.up) + off : nullptr;
@@ -182,7 +200,12 @@ inline void accumulate_rows(const StatsArgs& a, int64_t t, int64_t c0, int64_t n
 #pragma GCC unroll 8
     for (int r = 0; r < R; ++r) {
       const float x = to_float(g[r * N + j]);
-      float v = activate<A>(x);
+      float v;
+      if constexpr (kLookup<T, A>) {
+        v = lut[bit_cast<uint16_t>(g[r * N + j])];
+      } else {
+        v = activate<A>(x);
+      }
       int32_t active = is_active(x, active_min);
       if constexpr (kGated) {
         const float y = to_float(u[r * N + j]);
@@ -207,7 +230,7 @@ inline void accumulate_rows(const StatsArgs& a, int64_t t, int64_t c0, int64_t n
 // accumulate_rows for the 16 columns [j, j + 16) (the lanes `lanes` only where kTail) with the same operations in
 // the same order: the same bits. The accumulators have 16 lanes of padding: whole vectors.
 template <class T, Act A, bool kGated, bool kOut, int R, bool kTail>
-inline void accumulate_vec(const StatsArgs& a, const T* g, const T* u, T* o, int64_t j, Mask lanes,
+inline void accumulate_vec(const StatsArgs& a, const float* lut, const T* g, const T* u, T* o, int64_t j, Mask lanes,
                            float* __restrict s1, float* __restrict s2, float* __restrict mx, int32_t* __restrict nz) {
   const int64_t N = a.N;
   const __m512 active_min = _mm512_set1_ps(a.active_min), zero = _mm512_setzero_ps();
@@ -216,7 +239,12 @@ inline void accumulate_vec(const StatsArgs& a, const T* g, const T* u, T* o, int
 #pragma GCC unroll 32
   for (int r = 0; r < R; ++r) {
     const Vec x = load<kTail>(g + r * N + j, lanes);
-    Vec v = activate<A>(x);
+    Vec v = 0.0f;
+    if constexpr (kLookup<T, A>) {
+      v = _mm512_i32gather_ps(load_u16<kTail>(g + r * N + j, lanes), lut, 4);  // masked-off lanes read lut[0]
+    } else {
+      v = activate<A>(x);
+    }
     // is_active: x >= active_min and x != 0; is_number_nonzero(y): y != 0 and not NaN
     Mask active = _mm512_mask_cmp_ps_mask(_mm512_cmp_ps_mask(x.v, active_min, _CMP_GE_OQ), x.v, zero, _CMP_NEQ_UQ);
     if constexpr (kGated) {
@@ -239,15 +267,17 @@ inline void accumulate_vec(const StatsArgs& a, const T* g, const T* u, T* o, int
 
 // accumulate_rows, 16 columns a vector.
 template <class T, Act A, bool kGated, bool kOut, int R>
-inline void accumulate_rows_vec(const StatsArgs& a, int64_t t, int64_t c0, int64_t nc, float* __restrict s1,
-                                float* __restrict s2, float* __restrict mx, int32_t* __restrict nz) {
+inline void accumulate_rows_vec(const StatsArgs& a, const float* lut, int64_t t, int64_t c0, int64_t nc,
+                                float* __restrict s1, float* __restrict s2, float* __restrict mx, int32_t* __restrict nz) {
   const int64_t off = t * a.N + c0;
   const T* g = static_cast<const T*>(a.gate) + off;
   const T* u = kGated ? static_cast<const T*>(a.up) + off : nullptr;
   T* o = kOut ? static_cast<T*>(a.out) + off : nullptr;
   int64_t j = 0;
-  for (; j + 16 <= nc; j += 16) accumulate_vec<T, A, kGated, kOut, R, false>(a, g, u, o, j, 0xFFFF, s1, s2, mx, nz);
-  if (j < nc) accumulate_vec<T, A, kGated, kOut, R, true>(a, g, u, o, j, Mask((1u << (nc - j)) - 1u), s1, s2, mx, nz);
+  for (; j + 16 <= nc; j += 16) accumulate_vec<T, A, kGated, kOut, R, false>(a, lut, g, u, o, j, 0xFFFF, s1, s2, mx, nz);
+  if (j < nc) {
+    accumulate_vec<T, A, kGated, kOut, R, true>(a, lut, g, u, o, j, Mask((1u << (nc - j)) - 1u), s1, s2, mx, nz);
+  }
 }
 #define MINIGPT_ACCUMULATE_ROWS accumulate_rows_vec
 #else
@@ -264,6 +294,7 @@ void stats_tile_impl(const StatsArgs& a, int64_t t0, int64_t t1, int64_t c0, int
   alignas(64) float chunk[4 * kPad];
   float *s1 = chunk, *s2 = chunk + kPad, *mx = chunk + 2 * kPad;
   int32_t* nz = reinterpret_cast<int32_t*>(chunk + 3 * kPad);
+  const float* lut = kLookup<T, A> ? act_table<T, A>() : nullptr;
   std::fill_n(p.s1, nc, 0.0);
   std::fill_n(p.s2, nc, 0.0);
   std::fill_n(p.mx, nc, 0.0f);
@@ -275,8 +306,10 @@ void stats_tile_impl(const StatsArgs& a, int64_t t0, int64_t t1, int64_t c0, int
     std::fill_n(nz, nc, 0);
     const int64_t c_end = std::min(t1, c + kChunk);
     int64_t t = c;
-    for (; t + kRows <= c_end; t += kRows) MINIGPT_ACCUMULATE_ROWS<T, A, kGated, kOut, kRows>(a, t, c0, nc, s1, s2, mx, nz);
-    for (; t < c_end; ++t) MINIGPT_ACCUMULATE_ROWS<T, A, kGated, kOut, 1>(a, t, c0, nc, s1, s2, mx, nz);
+    for (; t + kRows <= c_end; t += kRows) {
+      MINIGPT_ACCUMULATE_ROWS<T, A, kGated, kOut, kRows>(a, lut, t, c0, nc, s1, s2, mx, nz);
+    }
+    for (; t < c_end; ++t) MINIGPT_ACCUMULATE_ROWS<T, A, kGated, kOut, 1>(a, lut, t, c0, nc, s1, s2, mx, nz);
     for (int64_t j = 0; j < nc; ++j) {
       p.s1[j] += s1[j];
       p.s2[j] += s2[j];
