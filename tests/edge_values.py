@@ -13,14 +13,19 @@ SPECIAL = [0.0, -0.0, 1e-45, -1e-45, 1e-40, -1e-40, 1e-30, float("nan"), float("
 def edge_grids(dtype: torch.dtype, device: str = "cpu") -> list[tuple[torch.Tensor, torch.Tensor]]:
     """(gate, up) pairs in ``dtype``: finite gates by row (every SPECIAL finite value, every activation's
     ``active_min`` and its fp32 neighbours, [-30, 30] by 1/8) against every SPECIAL up by column; then every SPECIAL
-    gate (NaN and ±inf included) by column against those values as up by row, so a NaN poisons only its column."""
+    gate (NaN and ±inf included) by column against those values as up by row, so a NaN poisons only its column.
+    The columns come three times, rotated by 0, 1 and 2 (84 columns): every value in even and odd columns, in full
+    32- and 16-column vectors and a partial one."""
     lows = [reference.active_min(a) for a in reference.ACTIVATIONS if a != "identity"]
     around = [torch.nextafter(torch.tensor(lo), torch.tensor(d)).item() for lo in lows for d in (-1e9, 1e9)]
     special = torch.tensor(SPECIAL)
     finite = torch.cat([special[special.isfinite()], torch.tensor(lows + around), torch.arange(-240, 241) / 8])
     pairs = [(finite[:, None].expand(-1, len(special)), special[None, :].expand(len(finite), -1)),
              (special[None, :].expand(len(finite), -1), finite[:, None].expand(-1, len(special)))]
-    return [(g.to(device, dtype), u.to(device, dtype)) for g, u in pairs]
+    def widen(x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([x.roll(k, dims=1) for k in range(3)], dim=1)
+
+    return [(widen(g).to(device, dtype), widen(u).to(device, dtype)) for g, u in pairs]
 
 
 # |act(x)| differences below this are fp32 exp range artefacts (0 vs a subnormal near x = -88), allowed everywhere

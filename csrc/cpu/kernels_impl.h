@@ -11,6 +11,7 @@
 #include <cmath>
 #include <cstring>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 #include "kernels.h"
@@ -234,56 +235,130 @@ inline void accumulate_rows(const StatsArgs& a, const float* __restrict lut, int
 // about 1.2x slower than eager's, as measured by bench/bench_cpu_stats.py.
 constexpr int kAhead = 8;
 
-// accumulate_rows for the 16 columns [j, j + 16) (the lanes `lanes` only where kTail) with the same operations in
-// the same order: the same bits. The accumulators have 16 lanes of padding: whole vectors.
-template <class T, Act A, bool kGated, bool kOut, GateRule kRule, int R, bool kTail>
-inline void accumulate_vec(const StatsArgs& a, const float* lut, const T* g, const T* u, T* o, int64_t j, Mask lanes,
-                           float* __restrict s1, float* __restrict s2, float* __restrict mx, int32_t* __restrict nz) {
-  const int64_t N = a.N;
-  const __m512 active_min = _mm512_set1_ps(a.active_min), zero = _mm512_setzero_ps();
-  __m512 sum1 = _mm512_load_ps(s1 + j), sum2 = _mm512_load_ps(s2 + j), m = _mm512_load_ps(mx + j);
-  __m512i count = _mm512_load_si512(nz + j);
-#pragma GCC unroll 32
-  for (int r = 0; r < R; ++r) {
-    // kAhead rows ahead: the inputs into L2, the output for writing (a prefetch never faults past the end)
-    __builtin_prefetch(g + (r + kAhead) * N + j, 0, 2);
-    if constexpr (kGated) __builtin_prefetch(u + (r + kAhead) * N + j, 0, 2);
-    if constexpr (kOut) __builtin_prefetch(o + (r + kAhead) * N + j, 1, 3);
-    const Vec x = load<kTail>(g + r * N + j, lanes);
-    Vec v = 0.0f;
-    if constexpr (kLookup<T, A>) {
-      v = _mm512_i32gather_ps(load_u16<kTail>(g + r * N + j, lanes), lut, 4);  // masked-off lanes read lut[0]
-    } else {
-      v = activate<A>(x);
-    }
-    // is_active: x >= active_min and x != 0; is_number_nonzero(y): y != 0 and not NaN
-    Mask active;
-    if constexpr (kRule == GateRule::nonzero) {
-      active = _mm512_cmp_ps_mask(x.v, zero, _CMP_NEQ_OQ);
-    } else if constexpr (kRule == GateRule::positive) {
-      active = _mm512_cmp_ps_mask(x.v, zero, _CMP_GT_OQ);
-    } else {
-      active = _mm512_mask_cmp_ps_mask(_mm512_cmp_ps_mask(x.v, active_min, _CMP_GE_OQ), x.v, zero, _CMP_NEQ_UQ);
-    }
-    if constexpr (kGated) {
-      const Vec y = load<kTail>(u + r * N + j, lanes);
-      v = v * y;
-      active = _mm512_mask_cmp_ps_mask(active, y.v, zero, _CMP_NEQ_OQ);
-    }
-    if constexpr (kOut) store<kTail>(o + r * N + j, lanes, v);
+// is_active of 16 gates by kRule.
+template <GateRule kRule>
+inline Mask gate_active(Vec x, __m512 active_min) {
+  const __m512 zero = _mm512_setzero_ps();
+  if constexpr (kRule == GateRule::nonzero) {
+    return _mm512_cmp_ps_mask(x.v, zero, _CMP_NEQ_OQ);
+  } else if constexpr (kRule == GateRule::positive) {
+    return _mm512_cmp_ps_mask(x.v, zero, _CMP_GT_OQ);
+  } else {
+    return _mm512_mask_cmp_ps_mask(_mm512_cmp_ps_mask(x.v, active_min, _CMP_GE_OQ), x.v, zero, _CMP_NEQ_UQ);
+  }
+}
+
+// The chunk statistics of 16 columns, in registers for R rows: accumulate_rows's sum1, sum2, m and count.
+struct VecStats {
+  __m512 sum1, sum2, m;
+  __m512i count;
+  VecStats(const float* s1, const float* s2, const float* mx, const int32_t* nz)
+      : sum1(_mm512_load_ps(s1)), sum2(_mm512_load_ps(s2)), m(_mm512_load_ps(mx)), count(_mm512_load_si512(nz)) {}
+  // h = v, counted where active (is_number_nonzero(y) already in it)
+  void add(Vec v, Mask active) {
     const __m512 av = _mm512_abs_ps(v.v);
     sum1 = _mm512_add_ps(sum1, av);
     sum2 = _mm512_fmadd_ps(v.v, v.v, sum2);  // fma_f32(v, v, sum2)
     m = _mm512_max_ps(av, m);  // av > m ? av : m
     count = _mm512_mask_sub_epi32(count, active, count, _mm512_set1_epi32(-1));
   }
-  _mm512_store_ps(s1 + j, sum1);
-  _mm512_store_ps(s2 + j, sum2);
-  _mm512_store_ps(mx + j, m);
-  _mm512_store_si512(nz + j, count);
+  void store(float* s1, float* s2, float* mx, int32_t* nz) const {
+    _mm512_store_ps(s1, sum1);
+    _mm512_store_ps(s2, sum2);
+    _mm512_store_ps(mx, m);
+    _mm512_store_si512(nz, count);
+  }
+};
+
+// kAhead rows ahead of row r: the inputs into L2, the output for writing (a prefetch never faults past the end).
+template <bool kGated, bool kOut, class T>
+inline void prefetch_ahead(const T* g, const T* u, const T* o, int64_t at) {
+  __builtin_prefetch(g + at, 0, 2);
+  if constexpr (kGated) __builtin_prefetch(u + at, 0, 2);
+  if constexpr (kOut) __builtin_prefetch(o + at, 1, 3);
 }
 
-// accumulate_rows, 16 columns a vector.
+// accumulate_rows for the 16 columns [j, j + 16) (the lanes `lanes` only where kTail) with the same operations in
+// the same order: the same bits. The accumulators have 16 lanes of padding: whole vectors.
+template <class T, Act A, bool kGated, bool kOut, GateRule kRule, int R, bool kTail>
+inline void accumulate_vec(const StatsArgs& a, const float* lut, const T* g, const T* u, T* o, int64_t j, Mask lanes,
+                           float* __restrict s1, float* __restrict s2, float* __restrict mx, int32_t* __restrict nz) {
+  const int64_t N = a.N;
+  const __m512 active_min = _mm512_set1_ps(a.active_min);
+  VecStats st(s1 + j, s2 + j, mx + j, nz + j);
+#pragma GCC unroll 32
+  for (int r = 0; r < R; ++r) {
+    const int64_t at = r * N + j;
+    prefetch_ahead<kGated, kOut>(g, u, o, at + kAhead * N);
+    const Vec x = load<kTail>(g + at, lanes);
+    Vec v = 0.0f;
+    if constexpr (kLookup<T, A>) {
+      v = _mm512_i32gather_ps(load_u16<kTail>(g + at, lanes), lut, 4);  // masked-off lanes read lut[0]
+    } else {
+      v = activate<A>(x);
+    }
+    Mask active = gate_active<kRule>(x, active_min);
+    if constexpr (kGated) {
+      const Vec y = load<kTail>(u + at, lanes);
+      v = v * y;
+      active = _mm512_mask_cmp_ps_mask(active, y.v, _mm512_setzero_ps(), _CMP_NEQ_OQ);  // is_number_nonzero(y)
+    }
+    if constexpr (kOut) store<kTail>(o + at, lanes, v);
+    st.add(v, active);
+  }
+  st.store(s1 + j, s2 + j, mx + j, nz + j);
+}
+
+// bf16 columns [j, j + 32) from one 64-byte load per row, split by a shift and a mask into the even columns (their
+// statistics in lanes [j, j + 16) of the accumulators) and the odd ones ([j + 16, j + 32)): widening 16 at a time
+// costs two operations each. The same operations per column as accumulate_vec (the same bits); unpair() restores
+// the column order of the statistics.
+template <Act A, bool kGated, bool kOut, GateRule kRule, int R>
+inline void accumulate_pair(const StatsArgs& a, const float* lut, const BFloat16* g, const BFloat16* u, BFloat16* o,
+                            int64_t j, float* __restrict s1, float* __restrict s2, float* __restrict mx,
+                            int32_t* __restrict nz) {
+  const int64_t N = a.N;
+  const __m512 active_min = _mm512_set1_ps(a.active_min);
+  const __m512i high = _mm512_set1_epi32(int32_t(0xFFFF0000u));
+  const auto even = [](__m512i w) { return Vec(_mm512_castsi512_ps(_mm512_slli_epi32(w, 16))); };
+  const auto odd = [&](__m512i w) { return Vec(_mm512_castsi512_ps(_mm512_and_si512(w, high))); };
+  VecStats st_even(s1 + j, s2 + j, mx + j, nz + j), st_odd(s1 + j + 16, s2 + j + 16, mx + j + 16, nz + j + 16);
+#pragma GCC unroll 32
+  for (int r = 0; r < R; ++r) {
+    const int64_t at = r * N + j;
+    prefetch_ahead<kGated, kOut>(g, u, o, at + kAhead * N);
+    const __m512i gw = _mm512_loadu_si512(g + at);
+    const Vec xe = even(gw), xo = odd(gw);
+    Vec ve = 0.0f, vo = 0.0f;
+    if constexpr (kLookup<BFloat16, A>) {
+      ve = _mm512_i32gather_ps(_mm512_andnot_si512(high, gw), lut, 4);
+      vo = _mm512_i32gather_ps(_mm512_srli_epi32(gw, 16), lut, 4);
+    } else {
+      ve = activate<A>(xe);
+      vo = activate<A>(xo);
+    }
+    Mask ae = gate_active<kRule>(xe, active_min), ao = gate_active<kRule>(xo, active_min);
+    if constexpr (kGated) {
+      const __m512i uw = _mm512_loadu_si512(u + at);
+      const Vec ye = even(uw), yo = odd(uw);
+      ve = ve * ye;
+      vo = vo * yo;
+      ae = _mm512_mask_cmp_ps_mask(ae, ye.v, _mm512_setzero_ps(), _CMP_NEQ_OQ);
+      ao = _mm512_mask_cmp_ps_mask(ao, yo.v, _mm512_setzero_ps(), _CMP_NEQ_OQ);
+    }
+    if constexpr (kOut) store_pair(o + at, ve, vo);
+    st_even.add(ve, ae);
+    st_odd.add(vo, ao);
+  }
+  st_even.store(s1 + j, s2 + j, mx + j, nz + j);
+  st_odd.store(s1 + j + 16, s2 + j + 16, mx + j + 16, nz + j + 16);
+}
+
+// Whether accumulate_rows_vec takes bf16 columns 32 at a time (accumulate_pair).
+template <class T>
+constexpr bool kPaired = std::is_same_v<T, BFloat16>;
+
+// accumulate_rows, 16 columns a vector (bf16: 32 at a time while 32 are left).
 template <class T, Act A, bool kGated, bool kOut, GateRule kRule, int R>
 inline void accumulate_rows_vec(const StatsArgs& a, const float* lut, int64_t t, int64_t c0, int64_t nc,
                                 float* __restrict s1, float* __restrict s2, float* __restrict mx, int32_t* __restrict nz) {
@@ -292,6 +367,9 @@ inline void accumulate_rows_vec(const StatsArgs& a, const float* lut, int64_t t,
   const T* u = kGated ? static_cast<const T*>(a.up) + off : nullptr;
   T* o = kOut ? static_cast<T*>(a.out) + off : nullptr;
   int64_t j = 0;
+  if constexpr (kPaired<T>) {
+    for (; j + 32 <= nc; j += 32) accumulate_pair<A, kGated, kOut, kRule, R>(a, lut, g, u, o, j, s1, s2, mx, nz);
+  }
   for (; j + 16 <= nc; j += 16) accumulate_vec<T, A, kGated, kOut, kRule, R, false>(a, lut, g, u, o, j, 0xFFFF, s1, s2, mx, nz);
   if (j < nc) {
     accumulate_vec<T, A, kGated, kOut, kRule, R, true>(a, lut, g, u, o, j, Mask((1u << (nc - j)) - 1u), s1, s2, mx, nz);
@@ -300,7 +378,23 @@ inline void accumulate_rows_vec(const StatsArgs& a, const float* lut, int64_t t,
 #define MINIGPT_ACCUMULATE_ROWS accumulate_rows_vec
 #else
 #define MINIGPT_ACCUMULATE_ROWS accumulate_rows
+template <class T>
+constexpr bool kPaired = false;
 #endif
+
+// Columns [0, 32 * (n / 32)) of x back in order from accumulate_pair's layout (in each 32: the even columns, then
+// the odd ones).
+template <class E>
+void unpair(E* x, int64_t n) {
+  E block[32];
+  for (int64_t b = 0; b + 32 <= n; b += 32) {
+    std::copy_n(x + b, 32, block);
+    for (int k = 0; k < 16; ++k) {
+      x[b + 2 * k] = block[k];
+      x[b + 2 * k + 1] = block[16 + k];
+    }
+  }
+}
 
 // Rows per accumulator pass (kChunk is a multiple).
 constexpr int kRows = 4;
@@ -312,7 +406,8 @@ void stats_tile_impl(const StatsArgs& a, int64_t t0, int64_t t1, int64_t c0, int
   alignas(64) float chunk[4 * kPad];
   float *s1 = chunk, *s2 = chunk + kPad, *mx = chunk + 2 * kPad;
   int32_t* nz = reinterpret_cast<int32_t*>(chunk + 3 * kPad);
-  const float* lut = kLookup<T, A> ? act_table<T, A>() : nullptr;
+  const float* lut = nullptr;
+  if constexpr (kLookup<T, A>) lut = act_table<T, A>();
   std::fill_n(p.s1, nc, 0.0);
   std::fill_n(p.s2, nc, 0.0);
   std::fill_n(p.mx, nc, 0.0f);
@@ -334,6 +429,12 @@ void stats_tile_impl(const StatsArgs& a, int64_t t0, int64_t t1, int64_t c0, int
       p.mx[j] = std::max(p.mx[j], mx[j]);
       p.nz[j] += nz[j];
     }
+  }
+  if constexpr (kPaired<T>) {
+    unpair(p.s1, nc);
+    unpair(p.s2, nc);
+    unpair(p.mx, nc);
+    unpair(p.nz, nc);
   }
 }
 

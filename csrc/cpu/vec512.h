@@ -68,21 +68,41 @@ template <bool kTail>
 inline void store(Half* p, Mask m, Vec v) {
   store_u16<kTail>(p, m, _mm512_cvtps_ph(v.v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
 }
+// v rounded to bf16 as from_float, in the low 16 bits of each lane (the high 16 are 0).
+inline __m512i bf16_bits(Vec v) {
+  const __m512i u = _mm512_castps_si512(v.v);
+  const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+  const __m512i r = _mm512_srli_epi32(_mm512_add_epi32(_mm512_add_epi32(u, _mm512_set1_epi32(0x7FFF)), odd), 16);
+  return _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(v.v, v.v, _CMP_UNORD_Q), _mm512_set1_epi32(0x7FC0));
+}
+
+// vcvtneps2bf16 rounds to nearest even but flushes subnormals and keeps NaN payloads: a vector holding either
+// (fpclass 0xA1: quiet NaN, signalling NaN, subnormal) takes bf16_bits instead.
+inline bool has_nan_or_subnormal(Vec v) { return _mm512_fpclass_ps_mask(v.v, 0xA1) != 0; }
+
 template <bool kTail>
 inline void store(BFloat16* p, Mask m, Vec v) {
 #if defined(MINIGPT_AVX512_BF16)
-  // vcvtneps2bf16 rounds to nearest even but flushes subnormals and keeps NaN payloads: those vectors take the
-  // integer path below (fpclass 0xA1: quiet NaN, signalling NaN, subnormal)
-  if (_mm512_fpclass_ps_mask(v.v, 0xA1) == 0) {
+  if (__builtin_expect(!has_nan_or_subnormal(v), 1)) {
     store_u16<kTail>(p, m, (__m256i)_mm512_cvtneps_pbh(v.v));
     return;
   }
 #endif
-  const __m512i u = _mm512_castps_si512(v.v);
-  const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
-  __m512i r = _mm512_srli_epi32(_mm512_add_epi32(_mm512_add_epi32(u, _mm512_set1_epi32(0x7FFF)), odd), 16);
-  r = _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(v.v, v.v, _CMP_UNORD_Q), _mm512_set1_epi32(0x7FC0));
-  store_u16<kTail>(p, m, _mm512_cvtepi32_epi16(r));
+  store_u16<kTail>(p, m, _mm512_cvtepi32_epi16(bf16_bits(v)));
+}
+
+// e and o rounded to bf16 (as store) and interleaved into p[0, 32): p[2i] = e[i], p[2i + 1] = o[i].
+inline void store_pair(BFloat16* p, Vec e, Vec o) {
+#if defined(MINIGPT_AVX512_BF16)
+  if (__builtin_expect(!(has_nan_or_subnormal(e) || has_nan_or_subnormal(o)), 1)) {
+    // word 2i <- word i (e), word 2i + 1 <- word 16 + i (o)
+    const __m512i interleave = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8, 23, 7,
+                                                22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
+    _mm512_storeu_si512(p, _mm512_permutexvar_epi16(interleave, (__m512i)_mm512_cvtne2ps_pbh(o.v, e.v)));
+    return;
+  }
+#endif
+  _mm512_storeu_si512(p, _mm512_or_si512(bf16_bits(e), _mm512_slli_epi32(bf16_bits(o), 16)));
 }
 
 }  // namespace
