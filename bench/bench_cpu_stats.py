@@ -9,6 +9,9 @@ SmolLM2-135M):
 * ``cpp act_stats``: the fused C++ op (the same product plus Σ|h|, Σh², max|h| and the active count);
 * ``torch reference``: ``minigpt.ops.reference`` (the op's definition, in plain PyTorch; fp32 SiLU only, it is slow).
 
+plus exact GELU in bf16 with gates spread over every finite bf16 value: the C++ op looks a 16-bit gate's activation
+up in a 65,536-entry table, and those gates reach all of it instead of the few KiB that randn's do;
+
 and ``column_stats`` against one eager ``x.abs().sum(0)``, at each thread count of ``--threads`` (default: torch's
 default, then 1: on a shared machine a single thread is not left waiting for a descheduled OpenMP worker, so its
 ratios are the cleaner measure of the kernels). Repetitions rotate the order of the implementations;
@@ -62,6 +65,14 @@ def cases() -> dict[str, dict[str, Callable[[], object]]]:
             if act == "silu" and dtype == torch.float32:
                 impls["torch reference"] = functools.partial(ops.act_stats, gate, up, act, acc, nnz, backend="torch")
             out[f"act_stats {act} {name}"] = impls
+        if dtype == torch.bfloat16:
+            # a 16-bit gate's activation is looked up in a 65,536-entry table; randn touches a few KiB of it, gates
+            # spread over every finite bf16 value the whole 256 KiB (the lookup's worst case)
+            bits = torch.randint(-2**15, 2**15, (T, N), generator=g, dtype=torch.int16).view(dtype)
+            spread = torch.where(bits.isfinite(), bits, torch.zeros((), dtype=dtype))
+            out["act_stats gelu bfloat16, gates over all bf16 values"] = {
+                "eager act(gate)*up": functools.partial(lambda a, b: F.gelu(a) * b, spread, up),
+                "cpp act_stats": functools.partial(ops.act_stats, spread, up, "gelu", acc, nnz, backend="cpp")}
         out[f"column_stats {name}"] = {
             "eager x.abs().sum(0)": functools.partial(lambda x: x.abs().sum(0), gate),
             "cpp column_stats": functools.partial(ops.column_stats, gate, acc, nnz, backend="cpp"),
