@@ -231,8 +231,8 @@ inline void accumulate_rows(const StatsArgs& a, const float* __restrict lut, int
 }
 
 #if defined(MINIGPT_AVX512)
-// Rows prefetched ahead of the row being read: the hardware prefetchers alone leave a memory-bound product (identity)
-// about 1.2x slower than eager's, as measured by bench/bench_cpu_stats.py.
+// Rows prefetched ahead of the row being read: with the hardware prefetchers alone, a memory-bound product (identity)
+// fell further behind eager's single sequential pass in quick trials.
 constexpr int kAhead = 8;
 
 // is_active of 16 gates by kRule.
@@ -396,8 +396,10 @@ void unpair(E* x, int64_t n) {
   }
 }
 
-// Rows per accumulator pass (kChunk is a multiple).
-constexpr int kRows = 4;
+// Rows per accumulator pass (kChunk is a multiple): the accumulators are loaded and stored once per kRows rows, so
+// more rows mean fewer stores per element, and more streams in flight. For bf16 identity, the most memory-bound
+// case, 8 beat 4 and 16 in quick trials (bench/bench_cpu_stats.py measures the result).
+constexpr int kRows = 8;
 
 template <class T, Act A, bool kGated, bool kOut, GateRule kRule = GateRule::general>
 void stats_tile_impl(const StatsArgs& a, int64_t t0, int64_t t1, int64_t c0, int64_t nc, const Partial& p) {
