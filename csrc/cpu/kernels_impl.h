@@ -362,7 +362,8 @@ constexpr bool kPaired = std::is_same_v<T, BFloat16>;
 // accumulate_rows, 16 columns a vector (bf16: 32 at a time while 32 are left).
 template <class T, Act A, bool kGated, bool kOut, GateRule kRule, int R>
 inline void accumulate_rows_vec(const StatsArgs& a, const float* lut, int64_t t, int64_t c0, int64_t nc,
-                                float* __restrict s1, float* __restrict s2, float* __restrict mx, int32_t* __restrict nz) {
+                                float* __restrict s1, float* __restrict s2, float* __restrict mx,
+                                int32_t* __restrict nz) {
   const int64_t off = t * a.N + c0;
   const T* g = static_cast<const T*>(a.gate) + off;
   const T* u = kGated ? static_cast<const T*>(a.up) + off : nullptr;
@@ -371,9 +372,12 @@ inline void accumulate_rows_vec(const StatsArgs& a, const float* lut, int64_t t,
   if constexpr (kPaired<T>) {
     for (; j + 32 <= nc; j += 32) accumulate_pair<A, kGated, kOut, kRule, R>(a, lut, g, u, o, j, s1, s2, mx, nz);
   }
-  for (; j + 16 <= nc; j += 16) accumulate_vec<T, A, kGated, kOut, kRule, R, false>(a, lut, g, u, o, j, 0xFFFF, s1, s2, mx, nz);
+  for (; j + 16 <= nc; j += 16) {
+    accumulate_vec<T, A, kGated, kOut, kRule, R, false>(a, lut, g, u, o, j, 0xFFFF, s1, s2, mx, nz);
+  }
   if (j < nc) {
-    accumulate_vec<T, A, kGated, kOut, kRule, R, true>(a, lut, g, u, o, j, Mask((1u << (nc - j)) - 1u), s1, s2, mx, nz);
+    const Mask tail = Mask((1u << (nc - j)) - 1u);
+    accumulate_vec<T, A, kGated, kOut, kRule, R, true>(a, lut, g, u, o, j, tail, s1, s2, mx, nz);
   }
 }
 #define MINIGPT_ACCUMULATE_ROWS accumulate_rows_vec
@@ -464,7 +468,9 @@ void by_rule(const StatsArgs& a, int64_t t0, int64_t t1, int64_t c0, int64_t nc,
 
 template <class T>
 void by_act(const StatsArgs& a, int64_t t0, int64_t t1, int64_t c0, int64_t nc, const Partial& p) {
-  if (!a.out) return stats_tile_impl<T, Act::identity, false, false, GateRule::nonzero>(a, t0, t1, c0, nc, p);  // column_stats
+  if (!a.out) {  // column_stats
+    return stats_tile_impl<T, Act::identity, false, false, GateRule::nonzero>(a, t0, t1, c0, nc, p);
+  }
   switch (a.act) {
     case Act::silu:
       return by_rule<T, Act::silu>(a, t0, t1, c0, nc, p);
