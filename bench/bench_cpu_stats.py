@@ -10,7 +10,7 @@ SmolLM2-135M):
 * ``torch reference``: ``minigpt.ops.reference`` (the op's definition, in plain PyTorch; fp32 SiLU only, it is slow).
 
 plus exact GELU in bf16 with gates spread over every finite bf16 value: the C++ op looks a 16-bit gate's activation
-up in a 65,536-entry table, and those gates reach all of it instead of the few KiB that randn's do;
+up in a 65,536-entry table, and those gates reach all of it instead of the small part that randn's do;
 
 and ``column_stats`` against one eager ``x.abs().sum(0)``, at each thread count of ``--threads`` (default: torch's
 default, then 1: on a shared machine a single thread is not left waiting for a descheduled OpenMP worker, so its
@@ -66,8 +66,8 @@ def cases() -> dict[str, dict[str, Callable[[], object]]]:
                 impls["torch reference"] = functools.partial(ops.act_stats, gate, up, act, acc, nnz, backend="torch")
             out[f"act_stats {act} {name}"] = impls
         if dtype == torch.bfloat16:
-            # a 16-bit gate's activation is looked up in a 65,536-entry table; randn touches a few KiB of it, gates
-            # spread over every finite bf16 value the whole 256 KiB (the lookup's worst case)
+            # a 16-bit gate's activation is looked up in a 65,536-entry table; randn touches a small part of it,
+            # gates spread over every finite bf16 value the whole 256 KiB (the lookup's worst case)
             bits = torch.randint(-2**15, 2**15, (T, N), generator=g, dtype=torch.int16).view(dtype)
             spread = torch.where(bits.isfinite(), bits, torch.zeros((), dtype=dtype))
             out["act_stats gelu bfloat16, gates over all bf16 values"] = {
