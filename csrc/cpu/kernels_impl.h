@@ -249,6 +249,12 @@ inline Mask gate_active(Vec x, __m512 active_min) {
   }
 }
 
+// h = act(gate) * up: v *= y, and is_number_nonzero(y) added to the active mask.
+inline void times_up(Vec& v, Mask& active, Vec y) {
+  v = v * y;
+  active = _mm512_mask_cmp_ps_mask(active, y.v, _mm512_setzero_ps(), _CMP_NEQ_OQ);
+}
+
 // The chunk statistics of 16 columns, in registers for R rows: accumulate_rows's sum1, sum2, m and count.
 struct VecStats {
   __m512 sum1, sum2, m;
@@ -300,11 +306,7 @@ inline void accumulate_vec(const StatsArgs& a, const float* lut, const T* g, con
       v = activate<A>(x);
     }
     Mask active = gate_active<kRule>(x, active_min);
-    if constexpr (kGated) {
-      const Vec y = load<kTail>(u + at, lanes);
-      v = v * y;
-      active = _mm512_mask_cmp_ps_mask(active, y.v, _mm512_setzero_ps(), _CMP_NEQ_OQ);  // is_number_nonzero(y)
-    }
+    if constexpr (kGated) times_up(v, active, load<kTail>(u + at, lanes));
     if constexpr (kOut) store<kTail>(o + at, lanes, v);
     st.add(v, active);
   }
@@ -342,11 +344,8 @@ inline void accumulate_pair(const StatsArgs& a, const float* lut, const BFloat16
     Mask ae = gate_active<kRule>(xe, active_min), ao = gate_active<kRule>(xo, active_min);
     if constexpr (kGated) {
       const __m512i uw = _mm512_loadu_si512(u + at);
-      const Vec ye = even(uw), yo = odd(uw);
-      ve = ve * ye;
-      vo = vo * yo;
-      ae = _mm512_mask_cmp_ps_mask(ae, ye.v, _mm512_setzero_ps(), _CMP_NEQ_OQ);
-      ao = _mm512_mask_cmp_ps_mask(ao, yo.v, _mm512_setzero_ps(), _CMP_NEQ_OQ);
+      times_up(ve, ae, even(uw));
+      times_up(vo, ao, odd(uw));
     }
     if constexpr (kOut) store_pair(o + at, ve, vo);
     st_even.add(ve, ae);
