@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from edge_values import assert_same_stats
+from edge_values import assert_same_stats, edge_grids
 
 from minigpt import ops as minigpt_ops
 from minigpt.ops import reference as R
@@ -212,6 +212,30 @@ def test_every_instruction_set_agrees(tmp_path):
                 assert_same_stats(ours, (h, acc, nnz), up, exact_values=exact,
                                   nan_exact=exact or up is None or bool(up.isfinite().all()))
     assert "base" in ran
+
+
+@pytest.mark.parametrize("dtype", FLOATS)
+@pytest.mark.parametrize("act", R.ACTIVATIONS)
+def test_streamed_h_same_bits(dtype, act):
+    """An h of 4 MiB or more whose rows are a multiple of 64 bytes is streamed past the caches on AVX-512
+    (non-temporal stores; kernels_impl.h streams_out): the same bits, edge values included, as calls of 64 rows that
+    are too small to stream, on 1 thread and on 3 (tiles then split by columns)."""
+    gate, up = inputs((1024, 4096), dtype, "cpu", seed=6)
+    for (g, u), col in zip(edge_grids(dtype), (0, 2000)):  # column 2000: a 16-column offset in a 32-column pair
+        gate[: g.shape[0], col : col + g.shape[1]] = g
+        up[: g.shape[0], col : col + g.shape[1]] = u
+    chunks = [act_stats(gate[r : r + 64], up[r : r + 64], act, *empty_stats(4096, "cpu")) for r in range(0, 1024, 64)]
+    n = torch.get_num_threads()
+    runs = []
+    try:
+        for threads in (1, 3):
+            torch.set_num_threads(threads)
+            acc, nnz = torch.zeros(3, 4096), torch.zeros(4096, dtype=torch.int64)
+            runs.append((act_stats(gate, up, act, acc, nnz), acc, nnz))
+    finally:
+        torch.set_num_threads(n)
+    assert same_bits(runs[0][0], torch.cat(chunks))
+    assert all(same_bits(x, y) for x, y in zip(runs[0], runs[1]))
 
 
 @pytest.mark.parametrize("device", DEVICES)

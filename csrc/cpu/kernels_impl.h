@@ -170,6 +170,10 @@ inline int32_t is_number_nonzero(float u) { return int32_t(u < 0.0f) | int32_t(u
 // is_active in one comparison where active_min allows (the vector kernels): any non-zero number (-inf), x > 0 (0).
 enum class GateRule { general, nonzero, positive };
 
+// Whether and how h is written: not at all (column_stats), through the caches, or streamed past them (non-temporal
+// stores, AVX-512 only: see streams_out).
+enum class Out { none, cached, streamed };
+
 // Whether act(gate) is looked up rather than computed: a 16-bit gate has 65,536 values, and one table lookup (a
 // gather on 16 lanes) costs less than exp or erfc.
 template <class T, Act A>
@@ -187,16 +191,16 @@ const float* act_table() {
   return table.data();
 }
 
-// Rows [t, t + R) for columns [c0, c0 + nc), in one pass: h = act(gate) * up (written to a.out when kOut), its
+// Rows [t, t + R) for columns [c0, c0 + nc), in one pass: h = act(gate) * up (written to a.out unless Out::none), its
 // statistics added into the chunk accumulators s1 (Σ|h|), s2 (Σh²), mx (max|h|, NaN skipped) and nz (active count).
 // Each accumulator is loaded and stored once per R rows and the rows are added in order, so R changes no bits.
-template <class T, Act A, bool kGated, bool kOut, GateRule kRule, int R>
+template <class T, Act A, bool kGated, Out kOut, GateRule kRule, int R>
 inline void accumulate_rows(const StatsArgs& a, const float* __restrict lut, int64_t t, int64_t c0, int64_t nc,
                             float* __restrict s1, float* __restrict s2, float* __restrict mx, int32_t* __restrict nz) {
   const int64_t N = a.N, off = t * N + c0;
   const T* __restrict g = static_cast<const T*>(a.gate) + off;
   const T* __restrict u = kGated ? static_cast<const T*>(a.up) + off : nullptr;
-  T* __restrict o = kOut ? static_cast<T*>(a.out) + off : nullptr;
+  T* __restrict o = kOut != Out::none ? static_cast<T*>(a.out) + off : nullptr;
   const float active_min = a.active_min;
 #pragma GCC ivdep  // o is a new tensor and the accumulators live on the stack: no store aliases a load
   for (int64_t j = 0; j < nc; ++j) {
@@ -217,7 +221,7 @@ inline void accumulate_rows(const StatsArgs& a, const float* __restrict lut, int
         v *= y;
         active &= is_number_nonzero(y);
       }
-      if constexpr (kOut) o[r * N + j] = from_float<T>(v);
+      if constexpr (kOut != Out::none) o[r * N + j] = from_float<T>(v);
       const float av = std::fabs(v);
       sum1 += av;
       sum2 = fma_f32(v, v, sum2);
@@ -277,18 +281,18 @@ struct VecStats {
   }
 };
 
-// kAhead rows ahead of row r: the inputs into L2, and a 16-bit output for writing (an fp32 output did better
-// without, in quick trials). A prefetch never faults past the end.
-template <bool kGated, bool kOut, class T>
+// kAhead rows ahead of row r: the inputs into L2, and a 16-bit cached output for writing (an fp32 output did better
+// without, in quick trials; a streamed one is never read). A prefetch never faults past the end.
+template <bool kGated, Out kOut, class T>
 inline void prefetch_ahead(const T* g, const T* u, const T* o, int64_t at) {
   __builtin_prefetch(g + at, 0, 2);
   if constexpr (kGated) __builtin_prefetch(u + at, 0, 2);
-  if constexpr (kOut && sizeof(T) == 2) __builtin_prefetch(o + at, 1, 3);
+  if constexpr (kOut == Out::cached && sizeof(T) == 2) __builtin_prefetch(o + at, 1, 3);
 }
 
 // accumulate_rows for the 16 columns [j, j + 16) (the lanes `lanes` only where kTail) with the same operations in
 // the same order: the same bits. The accumulators have 16 lanes of padding: whole vectors.
-template <class T, Act A, bool kGated, bool kOut, GateRule kRule, int R, bool kTail>
+template <class T, Act A, bool kGated, Out kOut, GateRule kRule, int R, bool kTail>
 inline void accumulate_vec(const StatsArgs& a, const float* lut, const T* g, const T* u, T* o, int64_t j, Mask lanes,
                            float* __restrict s1, float* __restrict s2, float* __restrict mx, int32_t* __restrict nz) {
   const int64_t N = a.N;
@@ -307,7 +311,7 @@ inline void accumulate_vec(const StatsArgs& a, const float* lut, const T* g, con
     }
     Mask active = gate_active<kRule>(x, active_min);
     if constexpr (kGated) times_up(v, active, load<kTail>(u + at, lanes));
-    if constexpr (kOut) store<kTail>(o + at, lanes, v);
+    if constexpr (kOut != Out::none) store<kTail, kOut == Out::streamed>(o + at, lanes, v);
     st.add(v, active);
   }
   st.store(s1 + j, s2 + j, mx + j, nz + j);
@@ -317,7 +321,7 @@ inline void accumulate_vec(const StatsArgs& a, const float* lut, const T* g, con
 // statistics in lanes [j, j + 16) of the accumulators) and the odd ones ([j + 16, j + 32)): widening 16 at a time
 // costs two operations each. The same operations per column as accumulate_vec (the same bits); unpair() restores
 // the column order of the statistics.
-template <Act A, bool kGated, bool kOut, GateRule kRule, int R>
+template <Act A, bool kGated, Out kOut, GateRule kRule, int R>
 inline void accumulate_pair(const StatsArgs& a, const float* lut, const BFloat16* g, const BFloat16* u, BFloat16* o,
                             int64_t j, float* __restrict s1, float* __restrict s2, float* __restrict mx,
                             int32_t* __restrict nz) {
@@ -347,7 +351,7 @@ inline void accumulate_pair(const StatsArgs& a, const float* lut, const BFloat16
       times_up(ve, ae, even(uw));
       times_up(vo, ao, odd(uw));
     }
-    if constexpr (kOut) store_pair(o + at, ve, vo);
+    if constexpr (kOut != Out::none) store_pair<kOut == Out::streamed>(o + at, ve, vo);
     st_even.add(ve, ae);
     st_odd.add(vo, ao);
   }
@@ -360,14 +364,14 @@ template <class T>
 constexpr bool kPaired = std::is_same_v<T, BFloat16>;
 
 // accumulate_rows, 16 columns a vector (bf16: 32 at a time while 32 are left).
-template <class T, Act A, bool kGated, bool kOut, GateRule kRule, int R>
+template <class T, Act A, bool kGated, Out kOut, GateRule kRule, int R>
 inline void accumulate_rows_vec(const StatsArgs& a, const float* lut, int64_t t, int64_t c0, int64_t nc,
                                 float* __restrict s1, float* __restrict s2, float* __restrict mx,
                                 int32_t* __restrict nz) {
   const int64_t off = t * a.N + c0;
   const T* g = static_cast<const T*>(a.gate) + off;
   const T* u = kGated ? static_cast<const T*>(a.up) + off : nullptr;
-  T* o = kOut ? static_cast<T*>(a.out) + off : nullptr;
+  T* o = kOut != Out::none ? static_cast<T*>(a.out) + off : nullptr;
   int64_t j = 0;
   if constexpr (kPaired<T>) {
     for (; j + 32 <= nc; j += 32) accumulate_pair<A, kGated, kOut, kRule, R>(a, lut, g, u, o, j, s1, s2, mx, nz);
@@ -406,7 +410,7 @@ void unpair(E* x, int64_t n) {
 // case, 8 beat 4 and 16 in quick trials (bench/bench_cpu_stats.py measures the result).
 constexpr int kRows = 8;
 
-template <class T, Act A, bool kGated, bool kOut, GateRule kRule = GateRule::general>
+template <class T, Act A, bool kGated, Out kOut, GateRule kRule = GateRule::general>
 void stats_tile_impl(const StatsArgs& a, int64_t t0, int64_t t1, int64_t c0, int64_t nc, const Partial& p) {
   // one buffer, the arrays kPad floats apart: 4 KiB apart they would alias in the load/store unit
   constexpr int64_t kPad = kBlock + 16;
@@ -445,12 +449,37 @@ void stats_tile_impl(const StatsArgs& a, int64_t t0, int64_t t1, int64_t c0, int
   }
 }
 
+#if defined(MINIGPT_AVX512)
+// Whether the tile writes h with streaming (non-temporal) stores, which skip reading each line before writing it:
+// the bound on a memory-bound product, and a quarter of its traffic. Only for an h of kStreamBytes or more, too
+// large to stay in a core's L2 for the down projection that reads it next, and when every row of the tile starts
+// 64-byte aligned (at::empty aligns to 64 bytes; rows then need N * sizeof(T) a multiple of 64).
+constexpr int64_t kStreamBytes = int64_t(4) << 20;
+template <class T>
+bool streams_out(const StatsArgs& a, int64_t c0) {
+  constexpr int64_t size = sizeof(T);
+  return a.T * a.N * size >= kStreamBytes && a.N * size % 64 == 0 &&
+         reinterpret_cast<uintptr_t>(static_cast<T*>(a.out) + c0) % 64 == 0;
+}
+#endif
+
+template <class T, Act A, bool kGated, GateRule kRule>
+void by_out(const StatsArgs& a, int64_t t0, int64_t t1, int64_t c0, int64_t nc, const Partial& p) {
+#if defined(MINIGPT_AVX512)
+  if (streams_out<T>(a, c0)) {
+    stats_tile_impl<T, A, kGated, Out::streamed, kRule>(a, t0, t1, c0, nc, p);
+    return _mm_sfence();  // the streamed h in memory before the caller reads it
+  }
+#endif
+  stats_tile_impl<T, A, kGated, Out::cached, kRule>(a, t0, t1, c0, nc, p);
+}
+
 template <class T, Act A, GateRule kRule>
 void by_gate(const StatsArgs& a, int64_t t0, int64_t t1, int64_t c0, int64_t nc, const Partial& p) {
   if (a.up) {
-    stats_tile_impl<T, A, true, true, kRule>(a, t0, t1, c0, nc, p);
+    by_out<T, A, true, kRule>(a, t0, t1, c0, nc, p);
   } else {
-    stats_tile_impl<T, A, false, true, kRule>(a, t0, t1, c0, nc, p);
+    by_out<T, A, false, kRule>(a, t0, t1, c0, nc, p);
   }
 }
 
@@ -469,7 +498,7 @@ void by_rule(const StatsArgs& a, int64_t t0, int64_t t1, int64_t c0, int64_t nc,
 template <class T>
 void by_act(const StatsArgs& a, int64_t t0, int64_t t1, int64_t c0, int64_t nc, const Partial& p) {
   if (!a.out) {  // column_stats
-    return stats_tile_impl<T, Act::identity, false, false, GateRule::nonzero>(a, t0, t1, c0, nc, p);
+    return stats_tile_impl<T, Act::identity, false, Out::none, GateRule::nonzero>(a, t0, t1, c0, nc, p);
   }
   switch (a.act) {
     case Act::silu:

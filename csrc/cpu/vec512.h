@@ -46,27 +46,46 @@ inline Vec load(const Half* p, Mask m) {
   return _mm512_cvtph_ps(kTail ? _mm256_maskz_loadu_epi16(m, p) : _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
 }
 
-template <bool kTail>
+// x to p: streamed past the caches (a non-temporal store; p aligned to the vector's size) when kStream.
+template <bool kStream>
+inline void put(void* p, __m512i x) {
+  if constexpr (kStream) {
+    _mm512_stream_si512(static_cast<__m512i*>(p), x);
+  } else {
+    _mm512_storeu_si512(p, x);
+  }
+}
+template <bool kStream>
+inline void put(void* p, __m256i x) {
+  if constexpr (kStream) {
+    _mm256_stream_si256(static_cast<__m256i*>(p), x);
+  } else {
+    _mm256_storeu_si256(static_cast<__m256i*>(p), x);
+  }
+}
+
+// x to the 16-bit lanes m of p (all of them unless kTail; a masked store is never streamed).
+template <bool kTail, bool kStream>
 inline void store_u16(void* p, Mask m, __m256i x) {
   if constexpr (kTail) {
     _mm256_mask_storeu_epi16(p, m, x);
   } else {
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), x);
+    put<kStream>(p, x);
   }
 }
 
 // v rounded to T into lanes m of p, with from_float's bits (NaN: any NaN for Half, 0x7FC0 for BFloat16).
-template <bool kTail>
+template <bool kTail, bool kStream>
 inline void store(float* p, Mask m, Vec v) {
   if constexpr (kTail) {
     _mm512_mask_storeu_ps(p, m, v.v);
   } else {
-    _mm512_storeu_ps(p, v.v);
+    put<kStream>(p, _mm512_castps_si512(v.v));
   }
 }
-template <bool kTail>
+template <bool kTail, bool kStream>
 inline void store(Half* p, Mask m, Vec v) {
-  store_u16<kTail>(p, m, _mm512_cvtps_ph(v.v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+  store_u16<kTail, kStream>(p, m, _mm512_cvtps_ph(v.v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
 }
 // v rounded to bf16 as from_float, in the low 16 bits of each lane (the high 16 are 0).
 inline __m512i bf16_bits(Vec v) {
@@ -80,29 +99,30 @@ inline __m512i bf16_bits(Vec v) {
 // (fpclass 0xA1: quiet NaN, signalling NaN, subnormal) takes bf16_bits instead.
 inline bool has_nan_or_subnormal(Vec v) { return _mm512_fpclass_ps_mask(v.v, 0xA1) != 0; }
 
-template <bool kTail>
+template <bool kTail, bool kStream>
 inline void store(BFloat16* p, Mask m, Vec v) {
 #if defined(MINIGPT_AVX512_BF16)
   if (__builtin_expect(!has_nan_or_subnormal(v), 1)) {
-    store_u16<kTail>(p, m, (__m256i)_mm512_cvtneps_pbh(v.v));
+    store_u16<kTail, kStream>(p, m, (__m256i)_mm512_cvtneps_pbh(v.v));
     return;
   }
 #endif
-  store_u16<kTail>(p, m, _mm512_cvtepi32_epi16(bf16_bits(v)));
+  store_u16<kTail, kStream>(p, m, _mm512_cvtepi32_epi16(bf16_bits(v)));
 }
 
 // e and o rounded to bf16 (as store) and interleaved into p[0, 32): p[2i] = e[i], p[2i + 1] = o[i].
+template <bool kStream>
 inline void store_pair(BFloat16* p, Vec e, Vec o) {
 #if defined(MINIGPT_AVX512_BF16)
   if (__builtin_expect(!(has_nan_or_subnormal(e) || has_nan_or_subnormal(o)), 1)) {
     // word 2i <- word i (e), word 2i + 1 <- word 16 + i (o)
     const __m512i interleave = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8, 23, 7,
                                                 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
-    _mm512_storeu_si512(p, _mm512_permutexvar_epi16(interleave, (__m512i)_mm512_cvtne2ps_pbh(o.v, e.v)));
+    put<kStream>(p, _mm512_permutexvar_epi16(interleave, (__m512i)_mm512_cvtne2ps_pbh(o.v, e.v)));
     return;
   }
 #endif
-  _mm512_storeu_si512(p, _mm512_or_si512(bf16_bits(e), _mm512_slli_epi32(bf16_bits(o), 16)));
+  put<kStream>(p, _mm512_or_si512(bf16_bits(e), _mm512_slli_epi32(bf16_bits(o), 16)));
 }
 
 }  // namespace
