@@ -17,13 +17,15 @@ random-initialised Llama shapes), repetitions interleaved (the method order rota
 Peak memory: CUDA ``max_memory_allocated`` after ``reset_peak_memory_stats``, minus the allocation before the run.
 CPU: Linux's resident high-water mark, reset by writing 5 to ``/proc/self/clear_refs`` before the run and read from
 ``VmHWM`` in ``/proc/self/status`` after it, minus ``VmRSS`` before it: the kernel tracks it on every page fault,
-so no sampling can miss a short peak. Writes ``bench/results/calibration_<device>.{json,md,png}``.
+so no sampling can miss a short peak. glibc's ``malloc_trim`` first hands freed memory back, so a run that reuses
+pages an earlier run left resident still counts them. Writes ``bench/results/calibration_<device>.{json,md,png}``.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import ctypes
 import gc
 import json
 import platform
@@ -127,6 +129,9 @@ def fused(backend: str, gram: bool = False) -> Callable:
     return run
 
 
+_LIBC = ctypes.CDLL(None)  # the process's libc (glibc on Linux, where /proc is read below)
+
+
 def _proc_kb(field: str) -> int:
     for line in Path("/proc/self/status").read_text().splitlines():
         if line.startswith(field + ":"):
@@ -142,6 +147,7 @@ def measure(fn: Callable, model, batches) -> tuple[float, float, int]:
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
     else:
+        _LIBC.malloc_trim(0)
         Path("/proc/self/clear_refs").write_text("5")
         base = _proc_kb("VmRSS") * 1024
     start, cpu = time.perf_counter(), time.process_time()
@@ -219,7 +225,7 @@ def main(argv: list[str] | None = None) -> None:
             "threads": torch.get_num_threads(), "model": args.model, "dtype": dtype, "batches": len(batches),
             "batch_size": args.batch_size, "seq_len": args.seq_len, "tokens": tokens, "reps": args.reps,
             "memory": "CUDA max_memory_allocated - allocated before" if on_cuda
-            else "VmHWM (reset via /proc/self/clear_refs) - VmRSS before"}
+            else "VmHWM (reset via /proc/self/clear_refs) - VmRSS before, after malloc_trim"}
     title = (f"Calibration pass, {args.model} {dtype} on {meta['device_name']}, {meta['threads']} threads, torch "
              f"{torch.__version__}: {len(batches)} batches x {args.batch_size} x {args.seq_len} = {tokens} tokens, "
              f"median of {args.reps} interleaved repetitions [min-max]. CPU s = process CPU time.")
