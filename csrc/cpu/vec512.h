@@ -4,6 +4,9 @@
 // AVX-512 target only (MINIGPT_AVX512). MINIGPT_AVX512_BF16 (AVX512_BF16 CPUs) rounds bf16 with vcvtneps2bf16.
 #pragma once
 
+// GCC 12 reports -Wmaybe-uninitialized inside its own AVX-512 intrinsics (their _mm512_undefined_* operands),
+// thousands of times across these templates: a false positive, silenced for the files that include this one.
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 #include <immintrin.h>
 
 namespace minigpt::cpu::MINIGPT_ISA {
