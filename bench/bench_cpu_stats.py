@@ -1,6 +1,6 @@
 """CPU statistics kernels side by side with what they replace, on the same inputs, interleaved in one run.
 
-    python -m bench.bench_cpu_stats [--reps N] [--threads 2,1]
+    python -m bench.bench_cpu_stats [--reps N] [--threads 2,1] [--isa avx2]
 
 For every activation and dtype (fp32, bf16), on a (4096, 1536) calibration batch (T tokens x N neurons of
 SmolLM2-135M):
@@ -21,6 +21,10 @@ its load average is recorded, and the spread says how noisy the run was. At one 
 OS and the next call pays the page faults; the script re-executes itself with ``MALLOC_MMAP_THRESHOLD_`` and
 ``MALLOC_TRIM_THRESHOLD_`` raised so that every implementation allocates alike. Writes
 bench/results/cpu_stats.{json,md,png} with the machine, thread count and versions.
+
+``--isa avx2`` measures what a CPU without AVX-512 would run: our kernels with ``MINIGPT_CPU_ISA=avx2`` and eager
+with ``ATEN_CPU_CAPABILITY=avx2`` (both read at start-up, so set for the re-executed process), written to
+bench/results/cpu_stats_avx2.{json,md,png}.
 """
 
 from __future__ import annotations
@@ -122,20 +126,23 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--reps", type=int, default=15)
     p.add_argument("--threads", default=",".join(map(str, dict.fromkeys([torch.get_num_threads(), 1]))),
                    help="comma-separated thread counts (default: torch's default, then 1)")
+    p.add_argument("--isa", choices=("avx2",), help="run both sides with this instruction set only (see above)")
     args = p.parse_args(argv)
     thread_counts = [int(t) for t in args.threads.split(",")]
-    if any(os.environ.get(k) != v for k, v in ALLOCATOR.items()):  # glibc reads them at start-up only
+    env = {**ALLOCATOR, **({"MINIGPT_CPU_ISA": args.isa, "ATEN_CPU_CAPABILITY": args.isa} if args.isa else {})}
+    if any(os.environ.get(k) != v for k, v in env.items()):  # glibc and ATen read them at start-up only
         os.execve(sys.executable, [sys.executable, "-m", "bench.bench_cpu_stats", *(argv or sys.argv[1:])],
-                  {**os.environ, **ALLOCATOR})
+                  {**os.environ, **env})
     if "cpp" not in ops.available_backends("cpu"):
         sys.exit("bench_cpu_stats: the C++ extension minigpt._C is not built; nothing to compare")
     load = os.getloadavg()[0]
     rows = [row for threads in thread_counts for row in run(args.reps, threads)]
     meta = {"shape": [T, N], "threads": thread_counts, "torch": torch.__version__, "reps": args.reps,
             "cpu": platform.processor() or platform.machine(), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-            "load_avg_1min_before": load, "load_avg_1min_after": os.getloadavg()[0], "allocator": ALLOCATOR}
+            "load_avg_1min_before": load, "load_avg_1min_after": os.getloadavg()[0], "allocator": ALLOCATOR,
+            "minigpt_cpu_isa": args.isa or "default (the widest this CPU runs)"}
     title = (f"CPU statistics vs what they replace, ({T}, {N}), {args.threads} threads, torch {meta['torch']} "
-             f"({meta['cpu_capability']}), {args.reps} interleaved repetitions, load average {load:.1f} before / "
+             f"({meta['cpu_capability']}{', our kernels ' + args.isa if args.isa else ''}), {args.reps} interleaved repetitions, load average {load:.1f} before / "
              f"{meta['load_avg_1min_after']:.1f} after (a shared machine: see the quartiles)")
     header = ("| threads | case | implementation | median ms | quartiles ms | × the eager floor (median, quartiles) "
               "| 1 thread: CPU ms, × the floor in CPU time (median, quartiles) |")
@@ -148,11 +155,12 @@ def main(argv: list[str] | None = None) -> None:
     table = "\n".join(lines)
     print(table)
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "cpu_stats.md").write_text(table + "\n")
-    (RESULTS / "cpu_stats.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
+    out = RESULTS / ("cpu_stats" + (f"_{args.isa}" if args.isa else ""))
+    out.with_suffix(".md").write_text(table + "\n")
+    out.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
     ours = [r for r in rows if r["impl"].startswith("cpp")]
     key = {threads: "cpu_vs_floor" if threads == 1 else "vs_floor" for threads in thread_counts}
-    bar_chart(RESULTS / "cpu_stats.png", title[:90],
+    bar_chart(out.with_suffix(".png"), title[:90],
               "× eager act(gate)*up or x.abs().sum(0) (median, whiskers: quartiles)",
               {f"C++ kernels, {threads} thread(s), {'CPU' if threads == 1 else 'wall'} time": [
                   ("eager floor", 1.0, 1.0, 1.0)] + [
