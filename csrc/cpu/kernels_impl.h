@@ -91,11 +91,21 @@ inline float select(bool c, float a, float b) { return c ? a : b; }
 inline float abs_f32(float a) { return std::fabs(a); }
 inline float pow2i(float n) { return bit_cast<float>(uint32_t(int32_t(n) + 127) << 23); }
 
+// is_active in one comparison where active_min allows (the vector kernels): any non-zero number (-inf), x > 0 (0).
+enum class GateRule { general, nonzero, positive };
+
+// Whether and how h is written: not at all (column_stats), through the caches, or streamed past them (non-temporal
+// stores, vector kernels only: see streams_out).
+enum class Out { none, cached, streamed };
+
 }  // namespace
 }  // namespace minigpt::cpu::MINIGPT_ISA
 
+// The vector kernels' types and memory operations (MINIGPT_VEC): 16 lanes on AVX-512, 8 on AVX2.
 #if defined(MINIGPT_AVX512)
 #include "vec512.h"
+#elif defined(MINIGPT_AVX2)
+#include "vec256.h"
 #endif
 
 namespace minigpt::cpu::MINIGPT_ISA {
@@ -167,13 +177,6 @@ inline int32_t is_active(float g, float active_min) {
 }
 inline int32_t is_number_nonzero(float u) { return int32_t(u < 0.0f) | int32_t(u > 0.0f); }
 
-// is_active in one comparison where active_min allows (the vector kernels): any non-zero number (-inf), x > 0 (0).
-enum class GateRule { general, nonzero, positive };
-
-// Whether and how h is written: not at all (column_stats), through the caches, or streamed past them (non-temporal
-// stores, AVX-512 only: see streams_out).
-enum class Out { none, cached, streamed };
-
 // Whether act(gate) is looked up rather than computed: a 16-bit gate has 65,536 values, and one table lookup (a
 // gather on 16 lanes) costs less than exp or erfc.
 template <class T, Act A>
@@ -235,51 +238,10 @@ inline void accumulate_rows(const StatsArgs& a, const float* __restrict lut, int
   }
 }
 
-#if defined(MINIGPT_AVX512)
+#if defined(MINIGPT_VEC)
 // Rows prefetched ahead of the row being read: with the hardware prefetchers alone, a memory-bound product (identity)
 // fell further behind eager's single sequential pass in quick trials.
 constexpr int kAhead = 8;
-
-// is_active of 16 gates by kRule.
-template <GateRule kRule>
-inline Mask gate_active(Vec x, __m512 active_min) {
-  const __m512 zero = _mm512_setzero_ps();
-  if constexpr (kRule == GateRule::nonzero) {
-    return _mm512_cmp_ps_mask(x.v, zero, _CMP_NEQ_OQ);
-  } else if constexpr (kRule == GateRule::positive) {
-    return _mm512_cmp_ps_mask(x.v, zero, _CMP_GT_OQ);
-  } else {
-    return _mm512_mask_cmp_ps_mask(_mm512_cmp_ps_mask(x.v, active_min, _CMP_GE_OQ), x.v, zero, _CMP_NEQ_UQ);
-  }
-}
-
-// h = act(gate) * up: v *= y, and is_number_nonzero(y) added to the active mask.
-inline void times_up(Vec& v, Mask& active, Vec y) {
-  v = v * y;
-  active = _mm512_mask_cmp_ps_mask(active, y.v, _mm512_setzero_ps(), _CMP_NEQ_OQ);
-}
-
-// The chunk statistics of 16 columns, in registers for R rows: accumulate_rows's sum1, sum2, m and count.
-struct VecStats {
-  __m512 sum1, sum2, m;
-  __m512i count;
-  VecStats(const float* s1, const float* s2, const float* mx, const int32_t* nz)
-      : sum1(_mm512_load_ps(s1)), sum2(_mm512_load_ps(s2)), m(_mm512_load_ps(mx)), count(_mm512_load_si512(nz)) {}
-  // h = v, counted where active (is_number_nonzero(y) already in it)
-  void add(Vec v, Mask active) {
-    const __m512 av = _mm512_abs_ps(v.v);
-    sum1 = _mm512_add_ps(sum1, av);
-    sum2 = _mm512_fmadd_ps(v.v, v.v, sum2);  // fma_f32(v, v, sum2)
-    m = _mm512_max_ps(av, m);  // av > m ? av : m
-    count = _mm512_mask_sub_epi32(count, active, count, _mm512_set1_epi32(-1));
-  }
-  void store(float* s1, float* s2, float* mx, int32_t* nz) const {
-    _mm512_store_ps(s1, sum1);
-    _mm512_store_ps(s2, sum2);
-    _mm512_store_ps(mx, m);
-    _mm512_store_si512(nz, count);
-  }
-};
 
 // kAhead rows ahead of row r: the inputs into L2, and a 16-bit cached output for writing (an fp32 output did better
 // without, in quick trials; a streamed one is never read). A prefetch never faults past the end.
@@ -290,13 +252,13 @@ inline void prefetch_ahead(const T* g, const T* u, const T* o, int64_t at) {
   if constexpr (kOut == Out::cached && sizeof(T) == 2) __builtin_prefetch(o + at, 1, 3);
 }
 
-// accumulate_rows for the 16 columns [j, j + 16) (the lanes `lanes` only where kTail) with the same operations in
-// the same order: the same bits. The accumulators have 16 lanes of padding: whole vectors.
+// accumulate_rows for the kLanes columns [j, j + kLanes) (the lanes `lanes` only where kTail) with the same
+// operations in the same order: the same bits. The accumulators have 16 lanes of padding: whole vectors.
 template <class T, Act A, bool kGated, Out kOut, GateRule kRule, int R, bool kTail>
 inline void accumulate_vec(const StatsArgs& a, const float* lut, const T* g, const T* u, T* o, int64_t j, Mask lanes,
                            float* __restrict s1, float* __restrict s2, float* __restrict mx, int32_t* __restrict nz) {
   const int64_t N = a.N;
-  const __m512 active_min = _mm512_set1_ps(a.active_min);
+  const Vec active_min = a.active_min;
   VecStats st(s1 + j, s2 + j, mx + j, nz + j);
 #pragma GCC unroll 32
   for (int r = 0; r < R; ++r) {
@@ -305,18 +267,19 @@ inline void accumulate_vec(const StatsArgs& a, const float* lut, const T* g, con
     const Vec x = load<kTail>(g + at, lanes);
     Vec v = 0.0f;
     if constexpr (kLookup<T, A>) {
-      v = _mm512_i32gather_ps(load_u16<kTail>(g + at, lanes), lut, 4);  // masked-off lanes read lut[0]
+      v = lookup<kTail>(lut, g + at, lanes);
     } else {
       v = activate<A>(x);
     }
     Mask active = gate_active<kRule>(x, active_min);
     if constexpr (kGated) times_up(v, active, load<kTail>(u + at, lanes));
-    if constexpr (kOut != Out::none) store<kTail, kOut == Out::streamed>(o + at, lanes, v);
+    if constexpr (kOut != Out::none) store<kTail, kOut == Out::streamed && kLanes * sizeof(T) == 64>(o + at, lanes, v);
     st.add(v, active);
   }
   st.store(s1 + j, s2 + j, mx + j, nz + j);
 }
 
+#if defined(MINIGPT_AVX512)
 // bf16 columns [j, j + 32) from one 64-byte load per row, split by a shift and a mask into the even columns (their
 // statistics in lanes [j, j + 16) of the accumulators) and the odd ones ([j + 16, j + 32)): widening 16 at a time
 // costs two operations each. The same operations per column as accumulate_vec (the same bits); unpair() restores
@@ -326,7 +289,7 @@ inline void accumulate_pair(const StatsArgs& a, const float* lut, const BFloat16
                             int64_t j, float* __restrict s1, float* __restrict s2, float* __restrict mx,
                             int32_t* __restrict nz) {
   const int64_t N = a.N;
-  const __m512 active_min = _mm512_set1_ps(a.active_min);
+  const Vec active_min = a.active_min;
   const __m512i high = _mm512_set1_epi32(int32_t(0xFFFF0000u));
   const auto even = [](__m512i w) { return Vec(_mm512_castsi512_ps(_mm512_slli_epi32(w, 16))); };
   const auto odd = [&](__m512i w) { return Vec(_mm512_castsi512_ps(_mm512_and_si512(w, high))); };
@@ -362,8 +325,13 @@ inline void accumulate_pair(const StatsArgs& a, const float* lut, const BFloat16
 // Whether accumulate_rows_vec takes bf16 columns 32 at a time (accumulate_pair).
 template <class T>
 constexpr bool kPaired = std::is_same_v<T, BFloat16>;
+#else
+template <class T>
+constexpr bool kPaired = false;
+#endif
 
-// accumulate_rows, 16 columns a vector (bf16: 32 at a time while 32 are left).
+// accumulate_rows, kLanes columns a vector (AVX-512 bf16: 32 at a time while 32 are left); the last nc % kLanes
+// columns under a lane mask on AVX-512, by accumulate_rows on AVX2 (which has no 16-bit masked loads).
 template <class T, Act A, bool kGated, Out kOut, GateRule kRule, int R>
 inline void accumulate_rows_vec(const StatsArgs& a, const float* lut, int64_t t, int64_t c0, int64_t nc,
                                 float* __restrict s1, float* __restrict s2, float* __restrict mx,
@@ -373,15 +341,20 @@ inline void accumulate_rows_vec(const StatsArgs& a, const float* lut, int64_t t,
   const T* u = kGated ? static_cast<const T*>(a.up) + off : nullptr;
   T* o = kOut != Out::none ? static_cast<T*>(a.out) + off : nullptr;
   int64_t j = 0;
+#if defined(MINIGPT_AVX512)
   if constexpr (kPaired<T>) {
     for (; j + 32 <= nc; j += 32) accumulate_pair<A, kGated, kOut, kRule, R>(a, lut, g, u, o, j, s1, s2, mx, nz);
   }
-  for (; j + 16 <= nc; j += 16) {
-    accumulate_vec<T, A, kGated, kOut, kRule, R, false>(a, lut, g, u, o, j, 0xFFFF, s1, s2, mx, nz);
+#endif
+  for (; j + kLanes <= nc; j += kLanes) {
+    accumulate_vec<T, A, kGated, kOut, kRule, R, false>(a, lut, g, u, o, j, all_lanes(), s1, s2, mx, nz);
   }
   if (j < nc) {
-    const Mask tail = Mask((1u << (nc - j)) - 1u);
-    accumulate_vec<T, A, kGated, kOut, kRule, R, true>(a, lut, g, u, o, j, tail, s1, s2, mx, nz);
+#if defined(MINIGPT_AVX512)
+    accumulate_vec<T, A, kGated, kOut, kRule, R, true>(a, lut, g, u, o, j, tail_lanes(nc - j), s1, s2, mx, nz);
+#else
+    accumulate_rows<T, A, kGated, kOut, kRule, R>(a, lut, t, c0 + j, nc - j, s1 + j, s2 + j, mx + j, nz + j);
+#endif
   }
 }
 #define MINIGPT_ACCUMULATE_ROWS accumulate_rows_vec
@@ -449,23 +422,26 @@ void stats_tile_impl(const StatsArgs& a, int64_t t0, int64_t t1, int64_t c0, int
   }
 }
 
-#if defined(MINIGPT_AVX512)
+#if defined(MINIGPT_VEC)
 // Whether the tile writes h with streaming (non-temporal) stores, which skip reading each line before writing it:
-// the bound on a memory-bound product, and a quarter of its traffic. Only for an h of kStreamBytes or more, too
-// large to stay in a core's L2 for the down projection that reads it next, and when every row of the tile starts
-// 64-byte aligned (at::empty aligns to 64 bytes; rows then need N * sizeof(T) a multiple of 64).
+// the bound on a memory-bound product, and a quarter of its traffic. Only where each vector store fills a whole
+// 64-byte line (AVX-512: fp32, and bf16 paired; the few 16-column bf16 stores left are not streamed): a part of a
+// line, with the other rows' parts stored in between, leaves the write-combining buffers as a partial line, which
+// made AVX2's bf16 kernels slower in trials. Only for an h of kStreamBytes or more, too large to stay in a core's L2
+// for the down projection that reads it next, and when every row of the tile starts 64-byte aligned (at::empty
+// aligns to 64 bytes; rows then need N * sizeof(T) a multiple of 64).
 constexpr int64_t kStreamBytes = int64_t(4) << 20;
 template <class T>
 bool streams_out(const StatsArgs& a, int64_t c0) {
   constexpr int64_t size = sizeof(T);
-  return a.T * a.N * size >= kStreamBytes && a.N * size % 64 == 0 &&
+  return (kLanes * size == 64 || kPaired<T>) && a.T * a.N * size >= kStreamBytes && a.N * size % 64 == 0 &&
          reinterpret_cast<uintptr_t>(static_cast<T*>(a.out) + c0) % 64 == 0;
 }
 #endif
 
 template <class T, Act A, bool kGated, GateRule kRule>
 void by_out(const StatsArgs& a, int64_t t0, int64_t t1, int64_t c0, int64_t nc, const Partial& p) {
-#if defined(MINIGPT_AVX512)
+#if defined(MINIGPT_VEC)
   if (streams_out<T>(a, c0)) {
     stats_tile_impl<T, A, kGated, Out::streamed, kRule>(a, t0, t1, c0, nc, p);
     return _mm_sfence();  // the streamed h in memory before the caller reads it

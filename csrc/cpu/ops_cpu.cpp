@@ -26,7 +26,7 @@ StatsTileFn pick_stats_tile() {
   const char* env = std::getenv("MINIGPT_CPU_ISA");
   const std::string want = env ? env : "";
 #if defined(__x86_64__)
-  const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
   const bool avx512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
                       __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
   const bool avx512bf16 = avx512 && __builtin_cpu_supports("avx512bf16");

@@ -1,7 +1,8 @@
 // 16 fp32 lanes of AVX-512 with the scalar primitives of kernels_impl.h (operators, fma_f32, lt, select, abs_f32,
-// pow2i), so that the one definition of exp, erfc and the activations gives the same bits as the scalar code; and
-// the loads and stores of the three input dtypes, rounded as from_float. Included by kernels_impl.h, inside the
-// AVX-512 target only (MINIGPT_AVX512). MINIGPT_AVX512_BF16 (AVX512_BF16 CPUs) rounds bf16 with vcvtneps2bf16.
+// pow2i), so that the one definition of exp, erfc and the activations gives the same bits as the scalar code; the
+// loads and stores of the three input dtypes, rounded as from_float; the active test and the chunk statistics.
+// Included by kernels_impl.h, inside the AVX-512 target only (MINIGPT_AVX512); vec256.h is the same for AVX2.
+// MINIGPT_AVX512_BF16 (AVX512_BF16 CPUs) rounds bf16 with vcvtneps2bf16.
 #pragma once
 
 // GCC 12 reports -Wmaybe-uninitialized inside its own AVX-512 intrinsics (their _mm512_undefined_* operands),
@@ -9,8 +10,12 @@
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 #include <immintrin.h>
 
+#define MINIGPT_VEC
+
 namespace minigpt::cpu::MINIGPT_ISA {
 namespace {
+
+constexpr int kLanes = 16;
 
 struct Vec {
   __m512 v;
@@ -18,6 +23,8 @@ struct Vec {
   Vec(float x) : v(_mm512_set1_ps(x)) {}
 };
 using Mask = __mmask16;
+inline Mask all_lanes() { return 0xFFFF; }
+inline Mask tail_lanes(int64_t n) { return Mask((1u << n) - 1u); }  // the first n < 16
 
 inline Vec operator+(Vec a, Vec b) { return _mm512_add_ps(a.v, b.v); }
 inline Vec operator-(Vec a, Vec b) { return _mm512_sub_ps(a.v, b.v); }
@@ -127,6 +134,53 @@ inline void store_pair(BFloat16* p, Vec e, Vec o) {
 #endif
   put<kStream>(p, _mm512_or_si512(bf16_bits(e), _mm512_slli_epi32(bf16_bits(o), 16)));
 }
+
+// act(x) looked up in lut for the 16-bit x at p (masked-off lanes read lut[0]).
+template <bool kTail, class T>
+inline Vec lookup(const float* lut, const T* p, Mask m) {
+  return _mm512_i32gather_ps(load_u16<kTail>(p, m), lut, 4);
+}
+
+// is_active of 16 gates by kRule.
+template <GateRule kRule>
+inline Mask gate_active(Vec x, Vec active_min) {
+  const __m512 zero = _mm512_setzero_ps();
+  if constexpr (kRule == GateRule::nonzero) {
+    return _mm512_cmp_ps_mask(x.v, zero, _CMP_NEQ_OQ);
+  } else if constexpr (kRule == GateRule::positive) {
+    return _mm512_cmp_ps_mask(x.v, zero, _CMP_GT_OQ);
+  } else {
+    return _mm512_mask_cmp_ps_mask(_mm512_cmp_ps_mask(x.v, active_min.v, _CMP_GE_OQ), x.v, zero, _CMP_NEQ_UQ);
+  }
+}
+
+// h = act(gate) * up: v *= y, and is_number_nonzero(y) added to the active mask.
+inline void times_up(Vec& v, Mask& active, Vec y) {
+  v = v * y;
+  active = _mm512_mask_cmp_ps_mask(active, y.v, _mm512_setzero_ps(), _CMP_NEQ_OQ);
+}
+
+// The chunk statistics of 16 columns, in registers for R rows: accumulate_rows's sum1, sum2, m and count.
+struct VecStats {
+  __m512 sum1, sum2, m;
+  __m512i count;
+  VecStats(const float* s1, const float* s2, const float* mx, const int32_t* nz)
+      : sum1(_mm512_load_ps(s1)), sum2(_mm512_load_ps(s2)), m(_mm512_load_ps(mx)), count(_mm512_load_si512(nz)) {}
+  // h = v, counted where active (is_number_nonzero(y) already in it)
+  void add(Vec v, Mask active) {
+    const __m512 av = _mm512_abs_ps(v.v);
+    sum1 = _mm512_add_ps(sum1, av);
+    sum2 = _mm512_fmadd_ps(v.v, v.v, sum2);  // fma_f32(v, v, sum2)
+    m = _mm512_max_ps(av, m);  // av > m ? av : m
+    count = _mm512_mask_sub_epi32(count, active, count, _mm512_set1_epi32(-1));
+  }
+  void store(float* s1, float* s2, float* mx, int32_t* nz) const {
+    _mm512_store_ps(s1, sum1);
+    _mm512_store_ps(s2, sum2);
+    _mm512_store_ps(mx, m);
+    _mm512_store_si512(nz, count);
+  }
+};
 
 }  // namespace
 }  // namespace minigpt::cpu::MINIGPT_ISA
