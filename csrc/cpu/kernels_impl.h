@@ -425,16 +425,18 @@ void stats_tile_impl(const StatsArgs& a, int64_t t0, int64_t t1, int64_t c0, int
 #if defined(MINIGPT_VEC)
 // Whether the tile writes h with streaming (non-temporal) stores, which skip reading each line before writing it:
 // the bound on a memory-bound product, and a quarter of its traffic. Only where each vector store fills a whole
-// 64-byte line (AVX-512: fp32, and bf16 paired; the few 16-column bf16 stores left are not streamed): a part of a
-// line, with the other rows' parts stored in between, leaves the write-combining buffers as a partial line, which
-// made AVX2's bf16 kernels slower in trials. Only for an h of kStreamBytes or more, too large to stay in a core's L2
-// for the down projection that reads it next, and when every row of the tile starts 64-byte aligned (at::empty
-// aligns to 64 bytes; rows then need N * sizeof(T) a multiple of 64).
+// 64-byte line (kWholeLines; AVX-512: fp32, and bf16 paired, the few 16-column bf16 stores left are not streamed):
+// a part of a line, with the other rows' parts stored in between, leaves the write-combining buffers as a partial
+// line, which made AVX2's bf16 kernels slower in trials. Only for an h of kStreamBytes or more, too large to stay
+// in a core's L2 for the down projection that reads it next, and when every row of the tile starts 64-byte aligned
+// (at::empty aligns to 64 bytes; rows then need N * sizeof(T) a multiple of 64).
 constexpr int64_t kStreamBytes = int64_t(4) << 20;
+template <class T>
+constexpr bool kWholeLines = kLanes * sizeof(T) == 64 || kPaired<T>;
 template <class T>
 bool streams_out(const StatsArgs& a, int64_t c0) {
   constexpr int64_t size = sizeof(T);
-  return (kLanes * size == 64 || kPaired<T>) && a.T * a.N * size >= kStreamBytes && a.N * size % 64 == 0 &&
+  return a.T * a.N * size >= kStreamBytes && a.N * size % 64 == 0 &&
          reinterpret_cast<uintptr_t>(static_cast<T*>(a.out) + c0) % 64 == 0;
 }
 #endif
@@ -442,9 +444,11 @@ bool streams_out(const StatsArgs& a, int64_t c0) {
 template <class T, Act A, bool kGated, GateRule kRule>
 void by_out(const StatsArgs& a, int64_t t0, int64_t t1, int64_t c0, int64_t nc, const Partial& p) {
 #if defined(MINIGPT_VEC)
-  if (streams_out<T>(a, c0)) {
-    stats_tile_impl<T, A, kGated, Out::streamed, kRule>(a, t0, t1, c0, nc, p);
-    return _mm_sfence();  // the streamed h in memory before the caller reads it
+  if constexpr (kWholeLines<T>) {
+    if (streams_out<T>(a, c0)) {
+      stats_tile_impl<T, A, kGated, Out::streamed, kRule>(a, t0, t1, c0, nc, p);
+      return _mm_sfence();  // the streamed h in memory before the caller reads it
+    }
   }
 #endif
   stats_tile_impl<T, A, kGated, Out::cached, kRule>(a, t0, t1, c0, nc, p);

@@ -42,7 +42,9 @@ inline Vec load(const float* p, Mask) {
   static_assert(!kTail);
   return _mm256_loadu_ps(p);
 }
-inline __m256i load_u16(const void* p) { return _mm256_cvtepu16_epi32(_mm_loadu_si128(static_cast<const __m128i*>(p))); }
+inline __m256i load_u16(const void* p) {
+  return _mm256_cvtepu16_epi32(_mm_loadu_si128(static_cast<const __m128i*>(p)));
+}
 template <bool kTail>
 inline Vec load(const BFloat16* p, Mask) {
   static_assert(!kTail);
@@ -54,46 +56,30 @@ inline Vec load(const Half* p, Mask) {
   return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
 }
 
-// x to p: streamed past the caches (a non-temporal store; p aligned to the vector's size) when kStream.
-template <bool kStream>
-inline void put(void* p, __m256i x) {
-  if constexpr (kStream) {
-    _mm256_stream_si256(static_cast<__m256i*>(p), x);
-  } else {
-    _mm256_storeu_si256(static_cast<__m256i*>(p), x);
-  }
-}
-template <bool kStream>
-inline void put(void* p, __m128i x) {
-  if constexpr (kStream) {
-    _mm_stream_si128(static_cast<__m128i*>(p), x);
-  } else {
-    _mm_storeu_si128(static_cast<__m128i*>(p), x);
-  }
-}
-
-// v rounded to T into p[0, 8), with from_float's bits (NaN: any NaN for Half, 0x7FC0 for BFloat16).
+// v rounded to T into p[0, 8), with from_float's bits (NaN: any NaN for Half, 0x7FC0 for BFloat16). Never streamed
+// (kStream): an 8-lane store fills at most half a line (kernels_impl.h streams_out).
 template <bool kTail, bool kStream>
 inline void store(float* p, Mask, Vec v) {
-  static_assert(!kTail);
-  put<kStream>(p, _mm256_castps_si256(v.v));
+  static_assert(!kTail && !kStream);
+  _mm256_storeu_ps(p, v.v);
 }
 template <bool kTail, bool kStream>
 inline void store(Half* p, Mask, Vec v) {
-  static_assert(!kTail);
-  put<kStream>(p, _mm256_cvtps_ph(v.v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+  static_assert(!kTail && !kStream);
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_cvtps_ph(v.v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
 }
 template <bool kTail, bool kStream>
 inline void store(BFloat16* p, Mask, Vec v) {
-  static_assert(!kTail);
+  static_assert(!kTail && !kStream);
   const __m256i u = _mm256_castps_si256(v.v);
   const __m256i odd = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
   __m256i r = _mm256_srli_epi32(_mm256_add_epi32(_mm256_add_epi32(u, _mm256_set1_epi32(0x7FFF)), odd), 16);
   const __m256 nan = _mm256_cmp_ps(v.v, v.v, _CMP_UNORD_Q);
-  r = _mm256_castps_si256(_mm256_blendv_ps(_mm256_castsi256_ps(r), _mm256_castsi256_ps(_mm256_set1_epi32(0x7FC0)), nan));
+  const __m256 quiet_nan = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FC0));
+  r = _mm256_castps_si256(_mm256_blendv_ps(_mm256_castsi256_ps(r), quiet_nan, nan));
   // 8 x 32-bit lanes (< 0x10000) to 8 x 16 bits: packus works per 128-bit half, then the two low quarters join
   const __m256i packed = _mm256_permute4x64_epi64(_mm256_packus_epi32(r, r), 0x08);
-  put<kStream>(p, _mm256_castsi256_si128(packed));
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_castsi256_si128(packed));
 }
 
 // act(x) looked up in lut for the 16-bit x at p.
