@@ -1,7 +1,8 @@
 // Body of the CPU statistics kernels. Included by one .cpp per instruction set, which defines MINIGPT_ISA
-// (the namespace) and the target; plain loops over contiguous columns that the compiler vectorises, or on AVX-512
-// (MINIGPT_AVX512) the same math on explicit 16-lane vectors (vec512.h); a 16-bit gate's smooth activation is looked
-// up in a table (act_table). bench/bench_cpu_stats.py compares them with the eager activation they replace.
+// (the namespace) and the target; plain loops over contiguous columns that the compiler vectorises (the SSE2
+// baseline), or the same math on explicit vectors, 16 lanes on AVX-512 (MINIGPT_AVX512, vec512.h) and 8 on AVX2
+// (MINIGPT_AVX2, vec256.h); a 16-bit gate's smooth activation is looked up in a table (act_table); a large h is
+// streamed past the caches (streams_out). bench/bench_cpu_stats.py compares them with the eager activation they replace.
 // Built with -ffp-contract=off (FMAs only where written, fma_f32: the AVX2 and AVX-512 kernels give the same bits),
 // -fno-trapping-math (selects vectorise) and -fno-tree-loop-distribute-patterns (no memcpy/memset calls).
 #ifndef MINIGPT_ISA

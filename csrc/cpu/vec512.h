@@ -56,7 +56,7 @@ inline Vec load(const Half* p, Mask m) {
   return _mm512_cvtph_ps(kTail ? _mm256_maskz_loadu_epi16(m, p) : _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
 }
 
-// x to p: streamed past the caches (a non-temporal store; p aligned to the vector's size) when kStream.
+// 64 bytes x to p: streamed past the caches (a non-temporal store; p 64-byte aligned) when kStream.
 template <bool kStream>
 inline void put(void* p, __m512i x) {
   if constexpr (kStream) {
@@ -65,26 +65,19 @@ inline void put(void* p, __m512i x) {
     _mm512_storeu_si512(p, x);
   }
 }
-template <bool kStream>
-inline void put(void* p, __m256i x) {
-  if constexpr (kStream) {
-    _mm256_stream_si256(static_cast<__m256i*>(p), x);
-  } else {
-    _mm256_storeu_si256(static_cast<__m256i*>(p), x);
-  }
-}
 
-// x to the 16-bit lanes m of p (all of them unless kTail; a masked store is never streamed).
-template <bool kTail, bool kStream>
+// x to the 16-bit lanes m of p (all of them unless kTail).
+template <bool kTail>
 inline void store_u16(void* p, Mask m, __m256i x) {
   if constexpr (kTail) {
     _mm256_mask_storeu_epi16(p, m, x);
   } else {
-    put<kStream>(p, x);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), x);
   }
 }
 
-// v rounded to T into lanes m of p, with from_float's bits (NaN: any NaN for Half, 0x7FC0 for BFloat16).
+// v rounded to T into lanes m of p, with from_float's bits (NaN: any NaN for Half, 0x7FC0 for BFloat16). Streamed
+// (kStream) only as 64 whole bytes: fp32 here, bf16 by store_pair (kernels_impl.h streams_out).
 template <bool kTail, bool kStream>
 inline void store(float* p, Mask m, Vec v) {
   if constexpr (kTail) {
@@ -95,7 +88,8 @@ inline void store(float* p, Mask m, Vec v) {
 }
 template <bool kTail, bool kStream>
 inline void store(Half* p, Mask m, Vec v) {
-  store_u16<kTail, kStream>(p, m, _mm512_cvtps_ph(v.v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+  static_assert(!kStream);
+  store_u16<kTail>(p, m, _mm512_cvtps_ph(v.v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
 }
 // v rounded to bf16 as from_float, in the low 16 bits of each lane (the high 16 are 0).
 inline __m512i bf16_bits(Vec v) {
@@ -111,13 +105,14 @@ inline bool has_nan_or_subnormal(Vec v) { return _mm512_fpclass_ps_mask(v.v, 0xA
 
 template <bool kTail, bool kStream>
 inline void store(BFloat16* p, Mask m, Vec v) {
+  static_assert(!kStream);
 #if defined(MINIGPT_AVX512_BF16)
   if (__builtin_expect(!has_nan_or_subnormal(v), 1)) {
-    store_u16<kTail, kStream>(p, m, (__m256i)_mm512_cvtneps_pbh(v.v));
+    store_u16<kTail>(p, m, (__m256i)_mm512_cvtneps_pbh(v.v));
     return;
   }
 #endif
-  store_u16<kTail, kStream>(p, m, _mm512_cvtepi32_epi16(bf16_bits(v)));
+  store_u16<kTail>(p, m, _mm512_cvtepi32_epi16(bf16_bits(v)));
 }
 
 // e and o rounded to bf16 (as store) and interleaved into p[0, 32): p[2i] = e[i], p[2i + 1] = o[i].
