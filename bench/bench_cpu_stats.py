@@ -141,8 +141,9 @@ def main(argv: list[str] | None = None) -> None:
             "cpu": platform.processor() or platform.machine(), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
             "load_avg_1min_before": load, "load_avg_1min_after": os.getloadavg()[0], "allocator": ALLOCATOR,
             "minigpt_cpu_isa": args.isa or "default (the widest this CPU runs)"}
+    isa_note = f", our kernels {args.isa}" if args.isa else ""
     title = (f"CPU statistics vs what they replace, ({T}, {N}), {args.threads} threads, torch {meta['torch']} "
-             f"({meta['cpu_capability']}{', our kernels ' + args.isa if args.isa else ''}), {args.reps} interleaved repetitions, load average {load:.1f} before / "
+             f"({meta['cpu_capability']}{isa_note}), {args.reps} interleaved repetitions, load average {load:.1f} before / "
              f"{meta['load_avg_1min_after']:.1f} after (a shared machine: see the quartiles)")
     header = ("| threads | case | implementation | median ms | quartiles ms | × the eager floor (median, quartiles) "
               "| 1 thread: CPU ms, × the floor in CPU time (median, quartiles) |")
