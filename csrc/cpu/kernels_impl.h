@@ -2,7 +2,8 @@
 // (the namespace) and the target; plain loops over contiguous columns that the compiler vectorises (the SSE2
 // baseline), or the same math on explicit vectors, 16 lanes on AVX-512 (MINIGPT_AVX512, vec512.h) and 8 on AVX2
 // (MINIGPT_AVX2, vec256.h); a 16-bit gate's smooth activation is looked up in a table (act_table); a large h is
-// streamed past the caches (streams_out). bench/bench_cpu_stats.py compares them with the eager activation they replace.
+// streamed past the caches (streams_out). bench/bench_cpu_stats.py compares them with the eager activation they
+// replace.
 // Built with -ffp-contract=off (FMAs only where written, fma_f32: the AVX2 and AVX-512 kernels give the same bits),
 // -fno-trapping-math (selects vectorise) and -fno-tree-loop-distribute-patterns (no memcpy/memset calls).
 #ifndef MINIGPT_ISA
@@ -239,6 +240,15 @@ inline void accumulate_rows(const StatsArgs& a, const float* __restrict lut, int
   }
 }
 
+// Whether the kernels take bf16 columns 32 at a time (accumulate_pair, AVX-512 only).
+#if defined(MINIGPT_AVX512)
+template <class T>
+constexpr bool kPaired = std::is_same_v<T, BFloat16>;
+#else
+template <class T>
+constexpr bool kPaired = false;
+#endif
+
 #if defined(MINIGPT_VEC)
 // Rows prefetched ahead of the row being read: with the hardware prefetchers alone, a memory-bound product (identity)
 // fell further behind eager's single sequential pass in quick trials.
@@ -274,6 +284,7 @@ inline void accumulate_vec(const StatsArgs& a, const float* lut, const T* g, con
     }
     Mask active = gate_active<kRule>(x, active_min);
     if constexpr (kGated) times_up(v, active, load<kTail>(u + at, lanes));
+    // streamed only as whole 64-byte lines: not a paired type's last 16 columns (streams_out)
     if constexpr (kOut != Out::none) store<kTail, kOut == Out::streamed && kLanes * sizeof(T) == 64>(o + at, lanes, v);
     st.add(v, active);
   }
@@ -323,12 +334,6 @@ inline void accumulate_pair(const StatsArgs& a, const float* lut, const BFloat16
   st_odd.store(s1 + j + 16, s2 + j + 16, mx + j + 16, nz + j + 16);
 }
 
-// Whether accumulate_rows_vec takes bf16 columns 32 at a time (accumulate_pair).
-template <class T>
-constexpr bool kPaired = std::is_same_v<T, BFloat16>;
-#else
-template <class T>
-constexpr bool kPaired = false;
 #endif
 
 // accumulate_rows, kLanes columns a vector (AVX-512 bf16: 32 at a time while 32 are left); the last nc % kLanes
@@ -361,8 +366,6 @@ inline void accumulate_rows_vec(const StatsArgs& a, const float* lut, int64_t t,
 #define MINIGPT_ACCUMULATE_ROWS accumulate_rows_vec
 #else
 #define MINIGPT_ACCUMULATE_ROWS accumulate_rows
-template <class T>
-constexpr bool kPaired = false;
 #endif
 
 // Columns [0, 32 * (n / 32)) of x back in order from accumulate_pair's layout (in each 32: the even columns, then
